@@ -10,11 +10,13 @@ from typing import Any
 from meshserve.serve.reasoning.base import ReasoningDelta, ReasoningParser, ReasoningStream
 from meshserve.serve.reasoning.deepseek_r1 import DeepSeekR1ReasoningParser
 from meshserve.serve.reasoning.deepseek_v3 import DeepSeekV3ReasoningParser
+from meshserve.serve.reasoning.mistral import MistralReasoningParser
 from meshserve.serve.reasoning.qwen3 import Qwen3ReasoningParser
 
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     "deepseek_r1": DeepSeekR1ReasoningParser,
     "deepseek_v3": DeepSeekV3ReasoningParser,  # V3.1: deepseek_r1 with thinking on, else all content
+    "mistral": MistralReasoningParser,  # Magistral: [THINK] ... [/THINK]; no [THINK] in the output: all content
     "qwen3": Qwen3ReasoningParser,
 }
 

@@ -96,6 +96,9 @@ class SamplingParams:
     # prefill/decode disaggregation, vLLM's request field: {"do_remote_decode" | "do_remote_prefill": true,
     # "transfer_id": ...}; checked by the engine core (disagg/coordinator.py)
     kv_transfer_params: dict[str, Any] | None = None
+    # vLLM's request field (it carries it with the prompt): the prefix cache shares blocks only between requests of
+    # the same salt (block_manager hashes it under the first block); kept out of the repr (request logs): a secret
+    cache_salt: str | None = field(default=None, repr=False)
     detokenize: bool = True  # vLLM's: False returns no text (offline LLM), only token ids
     extra_args: dict[str, Any] | None = None  # vLLM's, for custom sampling plugins: nothing here reads it
     # Filled by the engine: EOS ids of the model (unless ignore_eos), merged into the stop set.
@@ -236,6 +239,8 @@ class SamplingParams:
               "strings are only supported when detokenize is True (set detokenize=True to use stop)")
         check(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args",
               f"must be a dict, got {type(self.extra_args).__name__}")
+        check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt), "cache_salt",
+              "must be a non-empty string if provided")  # vLLM's words
         n = self.truncate_prompt_tokens
         check(n is None or (isinstance(n, int) and not isinstance(n, bool) and (n >= 1 or n == -1)),
               "truncate_prompt_tokens", f"must be an integer >= 1, or -1 (max_model_len), got {n}")

@@ -33,6 +33,14 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
+def salt_hash(cache_salt: str | None) -> bytes | None:
+    """The first block's parent under a request's cache_salt (vLLM's field): salted prompts share cached blocks
+    only with prompts of the same salt; None (unsalted) leaves the hashes as they were."""
+    if cache_salt is None:
+        return None
+    return hashlib.blake2b(b"cache_salt\0" + cache_salt.encode(), digest_size=16).digest()
+
+
 def hash_blocks(parent_hash: bytes | None, token_ids: list[int], block_size: int) -> list[bytes]:
     """hash_block over each full block of token_ids in turn, each block's parent the one before (the first's:
     parent_hash): the same hashes, from one int64 buffer of all the tokens rather than one conversion per block
@@ -268,7 +276,7 @@ class BlockManager:
         bs = self.block_size
         n_full, have = seq.num_known_tokens // bs, len(seq.block_hashes)
         if n_full > have:  # a whole prompt's blocks in one call (hash_blocks), not one hash_block each
-            parent = seq.block_hashes[-1] if have else None
+            parent = seq.block_hashes[-1] if have else salt_hash(seq.params.cache_salt)
             seq.block_hashes += hash_blocks(parent, seq.token_ids_slice(have * bs, n_full * bs), bs)
 
     # -- prefix cache ----------------------------------------------------------------------------

@@ -3,16 +3,19 @@
 This is the only module where pydantic appears. Field names follow OpenAI's API; vLLM's extensions
 (top_k, min_p, repetition_penalty, ignore_eos, ...) are accepted too. Types are strict (a boolean is not an
 integer, nor an integer a boolean). Unknown fields are ignored, as OpenAI's clients send some we do not
-implement; OpenAI parameters that change the answer and that meshserve does not implement (functions,
-suffix, ...) are declared so that a request using them gets a 400 naming them rather than a silently
-different answer. Ranges here are the documented ones; SamplingParams validates again for callers
-that bypass HTTP.
+implement (vLLM's models ignore them too: metadata, store, service_tier, prediction, ...); OpenAI and vLLM
+parameters that change the answer and that meshserve does not implement (functions, suffix, audio,
+mm_processor_kwargs, logprob_token_ids, ...) are declared so that a request using them gets a 400 naming them
+rather than a silently different answer. A null where vLLM's model takes null (stream, n, echo, the penalties,
+...) means the field's default, as in vLLM. Ranges here are the documented ones; SamplingParams validates
+again for callers that bypass HTTP. tests/serve/test_request_field_parity.py goes through vLLM 0.26's fields.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,6 +27,14 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+
+def _nulls_as_unset(data: Any, names: frozenset[str]) -> Any:
+    """The request body without the keys of `names` that are null: vLLM types these fields `X | None` and reads
+    null as the default, where meshserve's types are plain (so the handlers need no None checks)."""
+    if isinstance(data, dict) and any(data.get(k, 0) is None for k in names):
+        return {k: v for k, v in data.items() if not (v is None and k in names)}
+    return data
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -43,6 +54,11 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
     # vLLM's: with include_usage, every chunk also carries the usage so far (its prompt, its choice's tokens)
     continuous_usage_stats: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _nulls_as_unset(data, frozenset({"include_usage", "continuous_usage_stats"}))
 
 
 class ServiceLevel(OpenAIModel):
@@ -73,6 +89,32 @@ class StructuredOutputsRequest(OpenAIModel):
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | dict[str, Any] | None = None
+    # vLLM's options of the grammar's JSON: not implemented, so only their defaults are accepted
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _default_options_only(self) -> StructuredOutputsRequest:
+        for name in ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server (its JSON grammars allow any whitespace "
+                                 "and, unless the schema says otherwise, additional properties)")
+        return self
+
+
+class RepetitionDetection(OpenAIModel):
+    """vLLM's repetition_detection (end the output on a repeated n-gram): not implemented, so only its off
+    state (max_pattern_size 0) is accepted."""
+
+    max_pattern_size: int = 0
+    min_pattern_size: int = 0
+    min_count: int = 0
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+# vLLM's vllm_xargs: free-form values for custom extensions (SamplingParams.extra_args)
+XArgs = dict[str, str | int | float | list[str | int | float]]
 
 
 class SamplingRequest(OpenAIModel):
@@ -110,6 +152,26 @@ class SamplingRequest(OpenAIModel):
                                         description="logprobs of the prompt tokens and their top N alternatives")
     return_tokens_as_token_ids: bool = Field(
         False, description='logprob tokens as "token_id:N" (for tokens that are not valid text on their own)')
+    # as vLLM's (and its fast detokenizer's): fast tokenizers put no spaces between special tokens either way
+    spaces_between_special_tokens: bool = True
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description='truncate_prompt_tokens keeps the last N tokens ("left", the default); "right" (the '
+                          'first N) is not supported')
+    request_id: str | None = Field(None, description="vLLM's: the response's id is <prefix>-<request_id> "
+                                                     "(a request id in flight may not be reused)")
+    cache_salt: str | None = Field(None, min_length=1,
+                                   description="vLLM's: prefix-cache entries are shared only between requests "
+                                               "with the same salt (none: the unsalted ones)")
+    vllm_xargs: XArgs | None = Field(None, description="vLLM's free-form values for custom extensions "
+                                                       "(SamplingParams.extra_args; nothing built in reads them)")
+    # vLLM ignores it on the generation endpoints (its /render endpoints answer it): so does meshserve
+    return_token_offsets: bool | None = False
+    # vLLM parameters not implemented: only their off values are accepted (a 400 names them otherwise)
+    logprob_token_ids: list[int] | None = Field(None, description="not supported: must be absent or empty")
+    thinking_token_budget: int | None = Field(None, ge=-1, description="not supported: absent, null or -1")
+    repetition_detection: RepetitionDetection | None = Field(
+        None, description="not supported: absent, or max_pattern_size 0")
+    ec_transfer_params: dict[str, Any] | None = Field(None, description="not supported: text models only")
     # vLLM's beam search is not implemented: a request that turns it on is refused (400), not sampled instead
     use_beam_search: bool = Field(False, description="not supported: must be absent or false")
     length_penalty: float = Field(1.0, description="beam search only: not supported beyond 1")
@@ -127,6 +189,15 @@ class SamplingRequest(OpenAIModel):
     guided_grammar: str | None = None
     # meshserve extension
     slo: ServiceLevel | None = None
+
+    # fields vLLM types `X | None` (null: the default) and meshserve types plainly
+    _NULLABLE: ClassVar[frozenset[str]] = frozenset({"n", "presence_penalty", "frequency_penalty", "stream",
+                                                     "return_tokens_as_token_ids"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _nulls_as_unset(data, cls._NULLABLE)
 
     @field_validator("stop")
     @classmethod
@@ -166,6 +237,15 @@ class SamplingRequest(OpenAIModel):
             raise ValueError(f"truncate_prompt_tokens must be >= 1, or -1 (max_model_len), got {v}")
         return v
 
+    @field_validator("thinking_token_budget")
+    @classmethod
+    def _budget(cls, v: int | None) -> int | None:
+        return None if v == -1 else v  # vLLM's "unlimited"
+
+    def response_id(self, prefix: str) -> str:
+        """The response's id, vLLM's way: <prefix>-<request_id> when the request names one, else a random one."""
+        return f"{prefix}-{self.request_id or uuid.uuid4().hex}"
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:  # OpenAI's and vLLM's answer: not ignored
@@ -187,9 +267,16 @@ class CompletionRequest(SamplingRequest):
     # vLLM extension: each choice (each streamed chunk) carries the ids of its generated tokens, so a client
     # can re-send exactly what the model produced (multi-turn with token-id prompts, no tokenizer needed)
     return_token_ids: bool = False
+    # vLLM's: a text prompt is tokenized with the tokenizer's special tokens (e.g. BOS), unless false
+    add_special_tokens: bool = True
     # OpenAI parameters not implemented: a request that uses them is refused (400), never answered differently
     suffix: str | None = Field(None, description="not supported: must be absent or empty")
     best_of: int | None = Field(None, description="not supported beyond best_of == n")
+    prompt_embeds: str | list[str] | None = Field(None, description="vLLM's: not supported (text prompts and token "
+                                                                    "ids only)")
+
+    # (a null max_tokens stays None: up to the context's end, as vLLM's get_max_tokens reads it)
+    _NULLABLE: ClassVar[frozenset[str]] = SamplingRequest._NULLABLE | {"echo", "return_token_ids"}
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -298,14 +385,42 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # false: at most one call per turn (tool_choice "required" then yields one)
     include_reasoning: bool = True  # vLLM: false leaves the reasoning out (with --reasoning-parser)
+    # vLLM's: handed to the chat template as reasoning_effort, and enable_thinking (effort != "none") unless
+    # chat_template_kwargs sets it (the reasoning parser reads it there too)
+    reasoning_effort: ReasoningEffort | None = None
+    # vLLM's: the /render endpoints answer it; chat completions ignore it (as vLLM's)
+    return_assistant_tokens_mask: bool = False
+    # not implemented: only their empty / off values are accepted (a 400 names them otherwise)
+    mm_processor_kwargs: dict[str, Any] | None = Field(None, description="not supported: text models only")
+    media_io_kwargs: dict[str, dict[str, Any]] | None = Field(None, description="not supported: text models only")
+    return_token_ids: bool = Field(False, description="not supported on chat completions (it is on /v1/completions)")
+    return_prompt_text: bool = Field(False, description="not supported: must be absent or false")
+    # OpenAI's, which vLLM ignores: audio output and web search would change the answer, so they are refused
+    audio: dict[str, Any] | None = Field(None, description="not supported: text output only")
+    modalities: list[str] | None = Field(None, description='not supported beyond ["text"]')
+    web_search_options: dict[str, Any] | None = Field(None, description="not supported: no web search")
     # the deprecated function-calling fields are not implemented: refused (400) rather than ignored
     functions: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
     function_call: str | dict[str, Any] | None = Field(None, description='not supported: absent or "none"')
+
+    _NULLABLE: ClassVar[frozenset[str]] = SamplingRequest._NULLABLE | {"logprobs", "parallel_tool_calls",
+                                                                       "return_token_ids", "return_prompt_text"}
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    @model_validator(mode="after")
+    def _reasoning_effort_to_template(self) -> ChatCompletionRequest:
+        """vLLM's rule: the template gets reasoning_effort (over chat_template_kwargs' own), and enable_thinking
+        unless the request's chat_template_kwargs set it."""
+        if self.reasoning_effort is not None:
+            kwargs = dict(self.chat_template_kwargs or {})
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            self.chat_template_kwargs = kwargs
         return self
 
 
@@ -475,6 +590,21 @@ class TokenizeRequest(OpenAIModel):
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # with --trust-request-chat-template only
     return_token_strs: bool = False
+    # vLLM's multimodal options of a conversation: text models only, so only empty ones are accepted
+    mm_processor_kwargs: dict[str, Any] | None = Field(None, description="not supported: text models only")
+    media_io_kwargs: dict[str, dict[str, Any]] | None = Field(None, description="not supported: text models only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _nulls_as_unset(data, frozenset({"return_token_strs"}))
+
+    @field_validator("mm_processor_kwargs", "media_io_kwargs")
+    @classmethod
+    def _text_only(cls, v: dict | None, info) -> dict | None:
+        if v:
+            raise ValueError(f"{info.field_name} is not supported: this server runs text-only models")
+        return v
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TokenizeRequest:

@@ -107,6 +107,7 @@ def chat_request_of(req: ResponsesRequest, earlier: Sequence[InputItem] = ()) ->
         "ignore_eos": req.ignore_eos,
         "priority": req.priority,
         "slo": req.slo.model_dump(exclude_none=True) if req.slo is not None else None,
+        **req.chat_fields(),  # vLLM's further fields, which mean here what they mean to chat
     }
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})

@@ -11,11 +11,21 @@ error per union branch.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import Field, TypeAdapter, ValidationError, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from meshserve.serve.protocol import _INT64_MAX, _INT64_MIN, MAX_LOGPROBS, OpenAIModel, ServiceLevel
+from meshserve.serve.protocol import (
+    _INT64_MAX,
+    _INT64_MIN,
+    MAX_LOGPROBS,
+    OpenAIModel,
+    ReasoningEffort,
+    ServiceLevel,
+    StructuredOutputsRequest,
+    XArgs,
+    _nulls_as_unset,
+)
 
 
 # -- input items ------------------------------------------------------------------------------------
@@ -161,7 +171,8 @@ class ResponsesRequest(OpenAIModel):
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None  # kept only with --responses-store-size (responses_store.py); default: as true
-    reasoning: dict[str, Any] | None = None  # accepted and ignored: no reasoning items are produced
+    # its effort goes to the chat template as vLLM's reasoning_effort (enable_thinking with it); the rest is ignored
+    reasoning: dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
@@ -183,8 +194,71 @@ class ResponsesRequest(OpenAIModel):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX)
+    # vLLM's further fields of this endpoint, with the chat endpoint's meaning (chat_fields)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    include_reasoning: bool = True  # false: no reasoning item (with --reasoning-parser)
+    structured_outputs: StructuredOutputsRequest | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: XArgs | None = None
+    cache_salt: str | None = Field(None, min_length=1)
+    request_id: str | None = Field(None, description="vLLM's: the response's id (a request id in flight may not be "
+                                                     "reused)")
+    # accepted and ignored, as vLLM ignores them (it only echoes max_tool_calls and service_tier: built-in tools'
+    # loops and service tiers are not its, nor meshserve's)
+    max_tool_calls: int | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_key: str | None = None
+    # vLLM parameters not implemented: only their empty / off values are accepted (a 400 names them otherwise)
+    mm_processor_kwargs: dict[str, Any] | None = Field(None, description="not supported: text models only")
+    media_io_kwargs: dict[str, dict[str, Any]] | None = Field(None, description="not supported: text models only")
+    ec_transfer_params: dict[str, Any] | None = Field(None, description="not supported: text models only")
+    enable_response_messages: bool = Field(False, description="not supported: no raw messages are returned")
+    previous_input_messages: list[Any] | None = Field(None, description="not supported (harmony models' history): "
+                                                                        "send input items")
     # meshserve extension
     slo: ServiceLevel | None = None
+
+    # fields vLLM types `X | None` (null: the default) and meshserve types plainly
+    _NULLABLE: ClassVar[frozenset[str]] = frozenset({"parallel_tool_calls", "stream"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _nulls_as_unset(data, cls._NULLABLE)
+
+    @field_validator("mm_processor_kwargs", "media_io_kwargs", "ec_transfer_params", "enable_response_messages",
+                     "previous_input_messages")
+    @classmethod
+    def _not_supported(cls, v: Any, info) -> Any:
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by this server (text models, input items only)")
+        return v
+
+    @field_validator("reasoning")
+    @classmethod
+    def _effort(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        effort = (v or {}).get("effort")
+        if effort is not None and effort not in get_args(ReasoningEffort):
+            raise ValueError(f"reasoning.effort must be one of {', '.join(get_args(ReasoningEffort))}, got {effort!r}")
+        return v
+
+    def chat_fields(self) -> dict[str, Any]:
+        """The fields the chat request that answers this one takes as they are (responses_input.py), None for
+        those not given."""
+        return {"logit_bias": self.logit_bias, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "skip_special_tokens": self.skip_special_tokens,
+                "include_stop_str_in_output": self.include_stop_str_in_output,
+                "include_reasoning": self.include_reasoning,
+                "structured_outputs": self.structured_outputs.model_dump(by_alias=True, exclude_defaults=True)
+                if self.structured_outputs is not None else None,
+                "chat_template_kwargs": self.chat_template_kwargs, "kv_transfer_params": self.kv_transfer_params,
+                "vllm_xargs": self.vllm_xargs, "cache_salt": self.cache_salt,
+                "reasoning_effort": (self.reasoning or {}).get("effort")}
 
     @field_validator("input", mode="before")
     @classmethod

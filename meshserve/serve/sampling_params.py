@@ -44,16 +44,39 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     if req.prompt_logprobs is not None and req.stream:  # vLLM refuses them too: no chunk carries them
         raise InvalidArgumentError("prompt_logprobs are not available when stream is true",
                                    param="prompt_logprobs")
+    if req.truncation_side == "right":
+        raise _unsupported("truncation_side", 'only "left" (truncate_prompt_tokens keeps the last tokens)')
+    if req.logprob_token_ids:
+        raise _unsupported("logprob_token_ids", "use logprobs / top_logprobs")
+    if req.thinking_token_budget is not None:  # vLLM refuses it too without a reasoning config
+        raise _unsupported("thinking_token_budget", "thinking is not cut short; leave it out or -1")
+    if req.repetition_detection is not None and req.repetition_detection.max_pattern_size > 0:
+        raise _unsupported("repetition_detection", "the output is not ended on repeated n-grams")
+    if req.ec_transfer_params:
+        raise _unsupported("ec_transfer_params", "encoder-cache disaggregation: this server runs text models")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise _unsupported("suffix", "insertion is not implemented")
         if req.best_of is not None and req.best_of != req.n:
             raise _unsupported("best_of", "use n")
+        if req.prompt_embeds:
+            raise _unsupported("prompt_embeds", "send text prompts or token ids")
         return
     if req.functions:
         raise _unsupported("functions", "function calling is not implemented")
     if req.function_call not in (None, "none"):
         raise _unsupported("function_call", 'only "none" is accepted')
+    for name in ("mm_processor_kwargs", "media_io_kwargs"):
+        if getattr(req, name):
+            raise _unsupported(name, "this server runs text-only models")
+    if req.return_token_ids:
+        raise _unsupported("return_token_ids", "on chat completions; /v1/completions returns them")
+    if req.return_prompt_text:
+        raise _unsupported("return_prompt_text", "POST /tokenize renders a conversation")
+    if req.audio is not None or any(m != "text" for m in req.modalities or []):
+        raise _unsupported("audio" if req.audio is not None else "modalities", "the output is text only")
+    if req.web_search_options is not None:
+        raise _unsupported("web_search_options", "the model has no web search")
 
 
 def _common(req: SamplingRequest) -> dict:
@@ -80,6 +103,9 @@ def _common(req: SamplingRequest) -> dict:
         "bad_words": req.bad_words,
         "truncate_prompt_tokens": req.truncate_prompt_tokens,
         "kv_transfer_params": req.kv_transfer_params,
+        "spaces_between_special_tokens": req.spaces_between_special_tokens,
+        "extra_args": req.vllm_xargs or None,  # vLLM's: its extensions' values, read by no built-in sampling
+        "cache_salt": req.cache_salt,
     }
 
 
@@ -95,6 +121,7 @@ def completion_sampling_params(req: CompletionRequest, defaults: dict | None = N
     the prompt (one pass serves both it and prompt_logprobs: the larger k, each trimmed to its own)."""
     reject_unsupported(req)
     defaults = defaults or {}
+    # (a null max_tokens is None here: up to the context's end, as vLLM's get_max_tokens reads it)
     max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else defaults.get("max_tokens", 16)
     asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
     return _build(req, defaults, max_tokens, logprobs=req.logprobs, structured_outputs=structured_outputs_of(req),

@@ -37,7 +37,6 @@ from meshserve.serve.serving_common import (
     check_model,
     choice_usage,
     collect_outputs,
-    random_id,
     request_chat_template,
     server_defaults,
     stream_usage_flags,
@@ -114,7 +113,7 @@ class ChatService:
     async def create(self, req: ChatCompletionRequest) -> Response | ChatCompletionResponse:
         tracker = self.metrics.track()
         try:
-            started = await self.start(req, tracker, random_id("chatcmpl"))
+            started = await self.start(req, tracker, req.response_id("chatcmpl"))
         except BaseException as e:
             tracker.fail(e)
             raise

@@ -29,7 +29,6 @@ from meshserve.serve.serving_common import (
     check_model,
     choice_usage,
     collect_outputs,
-    random_id,
     server_defaults,
     stream_usage_flags,
     usage_of,
@@ -63,8 +62,10 @@ class CompletionService:
             params = completion_sampling_params(req, self.client.generation_defaults)
             tracker.ttft_target_s, tracker.tpot_target_s = self.client.slo_targets(req.slo)
             prompts = req.prompts()
-            request_id = random_id("cmpl")
-            engine_prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
+            request_id = req.response_id("cmpl")
+            engine_prompts = [p if isinstance(p, str) and req.add_special_tokens  # the engine tokenizes it
+                              else {"prompt": p, "prompt_token_ids": await self.client.tokenize(p, False)}
+                              if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
             requests = await self.client.start(engine_prompts, params, request_id, req.priority, req.slo,
                                                tracker.arrival_monotonic)
         except BaseException as e:

@@ -88,7 +88,7 @@ class ResponsesService:
 
     async def create(self, req: ResponsesRequest) -> Response | ResponseObject:
         tracker = self.chat.metrics.track()
-        response_id = new_item_id("resp")
+        response_id = req.request_id or new_item_id("resp")  # vLLM's request_id names the response
         try:
             earlier = self._earlier(req)
             chat_req = chat_request_of(req, earlier)  # its errors are in Responses terms already

@@ -37,6 +37,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_serve, serve_parser=p)
 
 
+def _dp_backend_name(text: str) -> str:
+    """vLLM's --data-parallel-backend mp (local engine processes) is meshserve's internal back end."""
+    return "internal" if text == "mp" else text
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Every flag of `serve` but its MODEL: the server's, the engine's and vLLM's (`run-batch` takes them too)."""
     g = p.add_argument_group("server")
@@ -51,9 +56,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue-len", type=int, default=1024,
                    help="waiting requests past which new ones get 429 + Retry-After")
     g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
-    g.add_argument("--drain-timeout", type=float, default=30.0,
+    g.add_argument("--drain-timeout", "--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (then they end with a 503 or, "
-                        "streaming, an error event)")
+                        "streaming, an error event); 0: at once (vLLM's --shutdown-timeout, whose default is 0)")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
@@ -72,9 +77,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="let the planner pick TP/PP/DP for the visible GPUs (prints the choice and why)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="engine replicas, each with its own TP x PP GPUs (see --data-parallel-backend)")
-    g.add_argument("--data-parallel-backend", choices=["internal", "router"], default="internal",
-                   help="internal (default): one engine-core process per replica, each API process sends every "
-                        "request to the least loaded core and streams it back itself; router: each replica a "
+    g.add_argument("--data-parallel-backend", "-dpb", choices=["internal", "router"], default="internal",
+                   type=_dp_backend_name,
+                   help="internal (default; vLLM's mp): one engine-core process per replica, each API process sends "
+                        "every request to the least loaded core and streams it back itself; router: each replica a "
                         "child `meshserve serve` behind `meshserve router` (an HTTP hop, with restarts)")
     g.add_argument("--router-workers", type=int, default=None,
                    help="--data-parallel-backend router: the router's processes on the port "

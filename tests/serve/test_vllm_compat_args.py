@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import shutil
 import ssl
 import subprocess
@@ -14,10 +15,18 @@ import httpx
 import pytest
 
 from meshserve.cli import build_parser, main
+from meshserve.errors import InvalidArgumentError
 from meshserve.engine.chat_template import render_chat
 from meshserve.engine.chat_content_format import resolve_content_format, with_content_format
+from meshserve.router.launcher import argv_from_namespace
 from meshserve.serve.cli import serve_config_from
-from meshserve.serve.vllm_compat_args import _REFUSED, apply_vllm_compat
+from meshserve.serve.vllm_compat_args import (
+    _NO_OP,
+    _REFUSED,
+    _REFUSED_UNLESS,
+    apply_vllm_compat,
+    no_op_reason,
+)
 from tests.serve.conftest import MODEL, make_engine, serve_in_thread, start_server
 
 TEMPLATE = ("{% if tools %}[tools]\n{% endif %}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
@@ -261,11 +270,22 @@ def test_inline_chat_template_and_vllm_defaults():
 
 # -- refused ---------------------------------------------------------------------------------------
 def _refused_argv(flag: str, kind: str) -> list[str]:
-    return ["serve", MODEL, flag] + ({"switch": [], "value": ["x"], "values": ["a=b", "c=d"]}[kind])
+    values = {"switch": [], "bool": [], "optional": [], "value": ["x"], "values": ["a=b", "c=d"]}[kind]
+    return ["serve", MODEL, flag, *values]
 
 
 @pytest.mark.parametrize("argv,message", [
     *[(_refused_argv(flag, kind), f"{flag}: ") for flag, (kind, _) in _REFUSED.items()],
+    *[(["serve", MODEL, flag, "x"], f"{flag} x: ") for flag in _REFUSED_UNLESS],
+    (["serve", "--hf-token", "hf_abc"], "--hf-token: meshserve downloads nothing"),
+    (["serve", "-dcp", "2"], "--decode-context-parallel-size 2: context parallelism is not supported"),
+    (["serve", "-dpl", "2"], "--data-parallel-size-local 2: not supported"),
+    (["serve", "-cc", '{"mode": 3}'], "--compilation-config: not supported"),
+    (["serve", "--logprobs-mode", "processed_logprobs"], "logprobs are those of the raw logits"),
+    (["serve", "--structured-outputs-config", '{"disable_any_whitespace": true}'], "disable_any_whitespace not "
+                                                                                    "supported"),
+    (["serve", "--speculative-config", '{"method": "ngram"}', "--spec-method", "ngram"],
+     "--spec-method and --speculative-config's 'method' are mutually exclusive"),
     (["serve", "--tokenizer-mode", "mistral"], "--tokenizer-mode mistral is not supported"),
     (["serve", "--chat-template", "missing.jinja"], "--chat-template: no file 'missing.jinja'"),
     (["serve", "--override-generation-config", '{"do_sample": true}'], "unknown key 'do_sample'"),
@@ -474,3 +494,189 @@ def test_async_scheduling_takes_vllm_s_flag_and_its_negation():
         return build_parser(["serve", *flags]).parse_args(["serve", *flags]).async_scheduling
 
     assert parsed() and parsed("--async-scheduling") and not parsed("--no-async-scheduling")
+
+
+# -- every flag of vLLM 0.26's `vllm serve` --------------------------------------------------------
+# Each option string its parser takes (short names and --no-x forms too), with a value where it takes one, from
+# vllm/entrypoints/openai/cli_args.py and vllm/engine/arg_utils.py (listed here: CI has no vLLM).
+VLLM_SERVE_FLAGS = """
+--headless  --api-server-count 1  -asc 1  --config serve.yaml  --grpc  --lora-modules a=/b
+--chat-template '{{ messages }}'  --chat-template-content-format auto  --trust-request-chat-template
+--no-trust-request-chat-template  --default-chat-template-kwargs '{}'  --response-role assistant
+--return-tokens-as-token-ids  --no-return-tokens-as-token-ids  --enable-auto-tool-choice
+--no-enable-auto-tool-choice  --exclude-tools-when-tool-choice-none  --no-exclude-tools-when-tool-choice-none
+--tool-call-parser hermes  --tool-parser-plugin p.py  --tool-server demo  --log-config-file log.json
+--max-log-len 100  --enable-prompt-tokens-details  --no-enable-prompt-tokens-details  --enable-per-request-metrics
+--no-enable-per-request-metrics  --enable-server-load-tracking  --no-enable-server-load-tracking
+--enable-force-include-usage  --no-enable-force-include-usage  --enable-tokenizer-info-endpoint
+--no-enable-tokenizer-info-endpoint  --enable-log-outputs  --no-enable-log-outputs  --enable-log-deltas
+--no-enable-log-deltas  --log-error-stack  --no-log-error-stack  --tokens-only  --no-tokens-only
+--fingerprint-mode full  --fingerprint-value v  --host 127.0.0.1  --port 8000  --data-parallel-supervisor-port 9256
+--dp-supervisor-probe-interval-s 5.0  --dp-supervisor-probe-timeout-s 5.0  --dp-supervisor-probe-failure-threshold 3
+--uds /tmp/meshserve-x.sock  --uvicorn-log-level info  --disable-uvicorn-access-log  --no-disable-uvicorn-access-log
+--disable-access-log-for-endpoints /health  --allow-credentials  --no-allow-credentials  --allowed-origins '["*"]'
+--allowed-methods '["*"]'  --allowed-headers '["*"]'  --api-key k  --ssl-keyfile key.pem  --ssl-certfile cert.pem
+--ssl-ca-certs ca.pem  --enable-ssl-refresh  --no-enable-ssl-refresh  --ssl-cert-reqs 0  --ssl-ciphers ECDHE
+--root-path /api  --middleware a.B  --enable-request-id-headers  --no-enable-request-id-headers
+--disable-fastapi-docs  --no-disable-fastapi-docs  --h11-max-incomplete-event-size 4194304
+--h11-max-header-count 256  --enable-offline-docs  --no-enable-offline-docs  --enable-flash-late-interaction
+--no-enable-flash-late-interaction  --model m  --runner auto  --convert auto  --tokenizer tok  --tokenizer-mode auto
+--trust-remote-code  --no-trust-remote-code  --dtype auto  --seed 0  --hf-config-path cfg
+--allowed-local-media-path /media  --allowed-media-domains example.com  --revision main  --code-revision main
+--tokenizer-revision main  --max-model-len 32k  --quantization fp8  -q fp8
+--quantization-config '{"linear": "fp8"}'  --allow-deprecated-quantization  --no-allow-deprecated-quantization
+--enforce-eager  --no-enforce-eager  --enable-return-routed-experts  --no-enable-return-routed-experts
+--max-logprobs 20  --logprobs-mode raw_logprobs  --use-fp64-gumbel  --no-use-fp64-gumbel  --disable-sliding-window
+--no-disable-sliding-window  --disable-cascade-attn  --no-disable-cascade-attn  --skip-tokenizer-init
+--no-skip-tokenizer-init  --enable-prompt-embeds  --no-enable-prompt-embeds  --served-model-name m
+--config-format auto  --hf-token  --hf-overrides '{}'  --model-class-overrides '{}'  --pooler-config '{}'
+--generation-config auto  --override-generation-config '{}'  --enable-sleep-mode  --no-enable-sleep-mode
+--enable-cumem-allocator  --no-enable-cumem-allocator  --model-impl auto  --override-attention-dtype float32
+--logits-processors a.B  --io-processor-plugin p  --renderer-num-workers 1  --load-format auto  --download-dir /d
+--safetensors-load-strategy lazy  --safetensors-prefetch-num-threads 8  --safetensors-prefetch-block-size 16777216
+--model-loader-extra-config '{}'  --ignore-patterns 'original/**/*'  --use-tqdm-on-load  --no-use-tqdm-on-load
+--pt-load-map-location cpu  --attention-backend FLASH_ATTN  --mamba-backend triton
+--enable-mamba-cache-stochastic-rounding  --no-enable-mamba-cache-stochastic-rounding  --mamba-cache-philox-rounds 0
+--reasoning-parser qwen3  --reasoning-parser-plugin p.py  --distributed-executor-backend mp
+--pipeline-parallel-size 1  -pp 1  --master-addr 127.0.0.1  --master-port 29501  --nnodes 1  -n 1  --node-rank 0
+-r 0  --distributed-timeout-seconds 600  --cpu-distributed-timeout-seconds 600  --numa-bind  --no-numa-bind
+--numa-bind-nodes 0  --numa-bind-cpus 0-7  --device-ids 0,1  --tensor-parallel-size 1  -tp 1
+--decode-context-parallel-size 1  -dcp 1  --dcp-comm-backend ag_rs  --dcp-kv-cache-interleave-size 1
+--cp-kv-cache-interleave-size 1  --prefill-context-parallel-size 1  -pcp 1  --data-parallel-size 1  -dp 1
+--data-parallel-rank 0  -dpn 0  --data-parallel-start-rank 0  -dpr 0  --data-parallel-size-local 1  -dpl 1
+--data-parallel-address 10.0.0.1  -dpa 10.0.0.1  --data-parallel-rpc-port 13345  -dpp 13345
+--data-parallel-backend mp  -dpb mp  --data-parallel-hybrid-lb  --no-data-parallel-hybrid-lb  -dph
+--data-parallel-external-lb  --no-data-parallel-external-lb  -dpe  --data-parallel-multi-port-external-lb  -dpm
+--enable-expert-parallel  --no-enable-expert-parallel  -ep  --enable-ep-weight-filter  --no-enable-ep-weight-filter
+--all2all-backend allgather_reducescatter  --enable-dbo  --no-enable-dbo  --ubatch-size 0  --enable-elastic-ep
+--no-enable-elastic-ep  --dbo-decode-token-threshold 32  --dbo-prefill-token-threshold 512
+--disable-nccl-for-dp-synchronization  --no-disable-nccl-for-dp-synchronization  --enable-eplb  --no-enable-eplb
+--eplb-config '{}'  --expert-placement-strategy linear  --max-parallel-loading-workers 2  --ray-workers-use-nsight
+--no-ray-workers-use-nsight  --disable-custom-all-reduce  --no-disable-custom-all-reduce  --worker-cls auto
+--worker-extension-cls a.B  --block-size 16  --gpu-memory-utilization 0.92  --kv-cache-memory-bytes 8G
+--kv-cache-dtype auto  --num-gpu-blocks-override 100  --enable-prefix-caching  --no-enable-prefix-caching
+--prefix-caching-hash-algo sha256  --calculate-kv-scales  --no-calculate-kv-scales  --kv-cache-dtype-skip-layers 0
+--kv-sharing-fast-prefill  --no-kv-sharing-fast-prefill  --mamba-cache-dtype auto  --mamba-ssm-cache-dtype auto
+--mamba-block-size 16  --prefix-match-unit 16  --mamba-cache-mode none  --kv-offloading-size 4
+--kv-offloading-backend native  --offload-backend auto  --cpu-offload-gb 0  --cpu-offload-params w
+--offload-group-size 0  --offload-num-in-group 1  --offload-prefetch-step 1  --offload-params w
+--language-model-only  --no-language-model-only  --limit-mm-per-prompt '{"image": 0}'  --enable-mm-embeds
+--no-enable-mm-embeds  --media-io-kwargs '{}'  --mm-processor-kwargs '{}'  --mm-processor-cache-gb 4
+--mm-processor-cache-type lru  --mm-shm-cache-max-object-size-mb 128  --mm-encoder-only  --no-mm-encoder-only
+--mm-encoder-tp-mode weights  --mm-encoder-attn-backend FLASH_ATTN  --mm-encoder-attn-dtype fp8
+--mm-encoder-fp8-scale-path s.json  --mm-encoder-fp8-scale-save-path s.json  --mm-encoder-fp8-scale-save-margin 1.5
+--interleave-mm-strings  --no-interleave-mm-strings  --skip-mm-profiling  --no-skip-mm-profiling
+--video-pruning-rate 0.5  --mm-tensor-ipc direct_rpc  --mm-ipc-gpu-memory-gb 0  --enable-lora  --no-enable-lora
+--max-loras 1  --max-lora-rank 16  --lora-dtype auto  --enable-tower-connector-lora
+--no-enable-tower-connector-lora  --max-cpu-loras 2  --fully-sharded-loras  --no-fully-sharded-loras
+--lora-target-modules q_proj  --default-mm-loras '{}'  --specialize-active-lora  --no-specialize-active-lora
+--enable-mixed-moe-lora-format  --no-enable-mixed-moe-lora-format  --enable-moe-shared-loras
+--no-enable-moe-shared-loras  --show-hidden-metrics-for-version 0.25  --otlp-traces-endpoint http://otel:4317
+--collect-detailed-traces all  --kv-cache-metrics  --no-kv-cache-metrics  --kv-cache-metrics-sample 0.01
+--cudagraph-metrics  --no-cudagraph-metrics  --enable-layerwise-nvtx-tracing  --no-enable-layerwise-nvtx-tracing
+--enable-mfu-metrics  --no-enable-mfu-metrics  --enable-logging-iteration-details
+--no-enable-logging-iteration-details  --jit-monitor-mode warn  --jit-monitor-verbose  --no-jit-monitor-verbose
+--max-num-batched-tokens 8192  --max-num-scheduled-tokens 8192  --max-num-seqs 256  --max-num-partial-prefills 1
+--max-long-partial-prefills 1  --long-prefill-token-threshold 0  --scheduling-policy fcfs  --enable-chunked-prefill
+--no-enable-chunked-prefill  --disable-chunked-mm-input  --no-disable-chunked-mm-input  --scheduler-cls a.B
+--scheduler-reserve-full-isl  --no-scheduler-reserve-full-isl  --watermark 0.0  --prefill-schedule-interval 1
+--disable-hybrid-kv-cache-manager  --no-disable-hybrid-kv-cache-manager  --async-scheduling  --no-async-scheduling
+--stream-interval 1  --cudagraph-capture-sizes 1 2 4  --max-cudagraph-capture-size 512  --ir-op-priority '{}'
+--enable-flashinfer-autotune  --no-enable-flashinfer-autotune  --enable-bf16x3-router-gemm
+--no-enable-bf16x3-router-gemm  --moe-backend auto  --linear-backend auto
+--speculative-config '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
+-sc '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'  --spec-method ngram  --spec-model m
+--spec-tokens 4  --diffusion-config '{}'  -dc '{}'
+--kv-transfer-config '{"kv_connector": "torch", "kv_role": "kv_both"}'  --kv-events-config '{}'
+--ec-transfer-config '{}'  --compilation-config '{"mode": 3}'  -cc '{"mode": 3}'  --attention-config '{}'  -ac '{}'
+--reasoning-config '{}'  --kernel-config '{}'  --additional-config '{}'
+--structured-outputs-config '{"backend": "xgrammar"}'  --profiler-config '{}'  --optimization-level 3
+--performance-mode balanced  --weight-transfer-config '{}'  --disable-log-stats  --aggregate-engine-logging
+--fail-on-environ-validation  --no-fail-on-environ-validation  --shutdown-timeout 0  --gdn-prefill-backend triton
+--enable-log-requests  --no-enable-log-requests  --hf-token hf_x
+"""
+
+
+def _vllm_flags() -> list[list[str]]:
+    entries: list[list[str]] = []
+    for token in shlex.split(VLLM_SERVE_FLAGS):
+        if token.startswith("-"):
+            entries.append([token])
+        else:
+            entries[-1].append(token)
+    return entries
+
+
+@pytest.mark.parametrize("argv", _vllm_flags(), ids=lambda argv: argv[0])
+def test_every_vllm_serve_flag_is_known(argv, capsys):
+    # parsed (never argparse's "unrecognized arguments"), then taken or refused in one line before loading
+    try:
+        ns = build_parser(["serve"]).parse_args(["serve", *argv])
+    except SystemExit:
+        pytest.fail(capsys.readouterr().err)
+    try:
+        apply_vllm_compat(ns)
+    except InvalidArgumentError as e:
+        assert "\n" not in str(e)
+
+
+def test_each_vllm_flag_has_one_treatment_and_a_reason():
+    refused, no_op = set(_REFUSED) | set(_REFUSED_UNLESS), set(_NO_OP)
+    assert not refused & no_op
+    assert all(no_op_reason(flag) for flag in _NO_OP)
+    listed = {argv[0] for argv in _vllm_flags()}
+    assert refused - {"--swap-space"} <= listed and no_op <= listed  # --swap-space: vLLM before 0.11's
+
+
+def test_no_ops_are_logged_with_why(caplog):
+    with caplog.at_level(logging.INFO, logger="meshserve"):
+        ns = _parse("--attention-backend", "FLASH_ATTN", "-O3", "--no-use-tqdm-on-load", "--disable-log-stats",
+                    "--structured-outputs-config", '{"backend": "xgrammar"}', "--stream-interval", "10")
+    logged = [r.getMessage() for r in caplog.records]
+    for flag in ("--attention-backend", "--optimization-level", "--no-use-tqdm-on-load", "--disable-log-stats",
+                 "--structured-outputs-config", "--stream-interval"):
+        assert any(m.startswith(f"{flag} has no effect: ") for m in logged), flag
+    assert ns.vllm_optimization_level == "3"
+
+
+def test_vllm_defaults_spelled_out_ask_for_nothing():
+    # a refused feature's off switch or default value passes, as a vLLM script often writes them
+    _parse("--no-enable-lora", "--cpu-offload-gb", "0", "--max-loras", "1", "--lora-dtype", "auto",
+           "--logprobs-mode", "raw_logprobs", "-dcp", "1", "-pcp", "1", "--model-impl", "vllm", "--convert", "none",
+           "--no-enable-sleep-mode", "--no-data-parallel-external-lb", "--worker-cls", "auto")
+    _parse("-dp", "2", "--data-parallel-size-local", "2")
+
+
+def test_vllm_s_other_names_of_meshserve_s_flags():
+    ns = _parse("-n", "2", "-r", "1", "--distributed-timeout-seconds", "90", "-dpb", "mp", "--shutdown-timeout",
+                "0", "-sc", '{"method": "ngram", "num_speculative_tokens": 2}', "--max-model-len=2k", "-tp=1")
+    assert (ns.nnodes, ns.node_rank, ns.distributed_timeout_s, ns.drain_timeout) == (2, 1, 90.0, 0.0)
+    assert ns.data_parallel_backend == "internal" and ns.max_model_len == 2000
+    assert json.loads(ns.speculative_config) == {"method": "ngram", "num_speculative_tokens": 2}
+    ns = _parse("--spec-method", "ngram", "--spec-tokens", "3", "--speculative-config", '{"prompt_lookup_max": 4}')
+    assert json.loads(ns.speculative_config) == {"prompt_lookup_max": 4, "method": "ngram",
+                                                 "num_speculative_tokens": 3}
+
+
+def test_no_x_forms_the_last_given_wins():
+    assert not _parse("--enforce-eager", "--no-enforce-eager").enforce_eager
+    assert _parse("--no-enforce-eager", "--enforce-eager").enforce_eager
+    ns = _parse("--enable-auto-tool-choice", "--no-enable-auto-tool-choice", "--no-trust-remote-code",
+                "--no-enable-prefix-caching", "-ep", "--no-enable-expert-parallel", "--no-enable-log-requests")
+    assert not (ns.enable_auto_tool_choice or ns.trust_remote_code or ns.enable_prefix_caching
+                or ns.enable_expert_parallel or ns.enable_log_requests)
+
+
+def test_rebuilt_command_line_gives_the_same_flags():
+    # the router's replicas get their command line from the namespace (after the aliases were folded)
+    parser = build_parser(["serve"])
+    serve_parser = parser.parse_args(["serve"]).serve_parser
+    argv = ["serve", "--enforce-eager", "-n", "2", "--spec-method", "ngram", "--spec-tokens", "3",
+            "--no-trust-remote-code", "--attention-backend", "X", "--no-enable-lora", "--shutdown-timeout", "5", "-O3"]
+    ns = parser.parse_args(argv)
+    apply_vllm_compat(ns)
+    again = parser.parse_args(["serve", *argv_from_namespace(serve_parser, ns)])
+    apply_vllm_compat(again)
+    for name in ("enforce_eager", "nnodes", "speculative_config", "drain_timeout", "trust_remote_code",
+                 "vllm_attention_backend", "vllm_optimization_level"):
+        assert getattr(again, name) == getattr(ns, name), name

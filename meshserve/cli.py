@@ -11,6 +11,7 @@ import signal
 import sys
 
 from meshserve import __version__
+from meshserve.cli_argv import normalize_argv
 from meshserve.cli_args import (
     add_engine_args,
     add_sampling_args,
@@ -114,7 +115,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    # vLLM's --max_model_len and --compilation-config.mode 3 spellings, as its parser takes them
+    argv = normalize_argv(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     ns = parser.parse_args(argv)
     ns.argv = argv  # `serve --config FILE` parses the command line again, over the file's flags

@@ -82,6 +82,9 @@ NO_OP_ARGS = {
     "enable_logging_iteration_details": _METRICS, "enable_layerwise_nvtx_tracing": _METRICS,
     "jit_monitor_mode": _METRICS, "jit_monitor_verbose": _METRICS, "profiler_config": _METRICS,
     "aggregate_engine_logging": _METRICS, "fail_on_environ_validation": "meshserve checks no VLLM_* variables",
+    # its backend key only: any other key is refused (serve/vllm_compat_args.py)
+    "structured_outputs_config": ("its backend key only (anything else is refused): meshserve's structured outputs "
+                                  "have one grammar engine"),
 }
 
 

@@ -17,7 +17,6 @@ from meshserve.engine.llm_engine import LLMEngine
 from meshserve.errors import EngineDeadError, InvalidArgumentError, PromptTooLongError
 from meshserve.outputs import RequestOutput
 from meshserve.sampling import RequestOutputKind, SamplingParams
-from meshserve.vllm_values import NO_OP_ARGS
 from meshserve.engine.chat_content_format import resolve_content_format, with_content_format
 
 logger = logging.getLogger(__name__)
@@ -36,31 +35,23 @@ class UnknownEngineArgumentError(InvalidArgumentError, TypeError):
     InvalidArgumentError, as meshserve's other configuration errors)."""
 
 
-def _asks_for_something(value) -> bool:
-    """Whether a vLLM keyword's value asks for anything (enable_lora=False, swap_space=0 or revision=None ask
-    for nothing, so they pass as a vLLM script writes them)."""
-    if value is None or value is False:
-        return False
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value != 0
-    if isinstance(value, (str, list, tuple, dict)):
-        return len(value) > 0
-    return True
-
-
 def _vllm_keywords(kwargs: dict) -> tuple[dict, int]:
     """vLLM's LLM(...) keywords that are not meshserve engine arguments, treated as `meshserve serve` treats
-    the same flags (serve/vllm_compat_args.py): refused with what to use instead, or checked and dropped.
+    the same flags (serve/vllm_compat_args.vllm_flag_treatment): refused with what to use instead, taken as
+    no-ops (logged, with why), or dropped where they ask for what meshserve does (a vLLM default spelled out).
     Returns the remaining keywords and max_logprobs."""
-    from meshserve.serve.vllm_compat_args import _REFUSED  # light: refusals come before torch loads
+    # light: refusals come before torch loads
+    from meshserve.serve.vllm_compat_args import vllm_flag_treatment, vllm_keyword_flag
 
     kwargs = dict(kwargs)
-    for flag, (_kind, why) in _REFUSED.items():
-        name = flag.lstrip("-").replace("-", "_")
-        if name in kwargs and name not in EngineArgs.field_names():
-            value = kwargs.pop(name)
-            if _asks_for_something(value):
-                raise InvalidArgumentError(f"LLM({name}=...): {why}", param=name)
+    for name in [n for n in kwargs if n not in EngineArgs.field_names()]:
+        flag = vllm_keyword_flag(name)
+        if flag is None:
+            continue
+        # data_parallel_size is no LLM(...) keyword here (nor, above 1, vLLM's): data_parallel_size_local 1 only
+        why = vllm_flag_treatment(flag, kwargs.pop(name), data_parallel_size=1, keyword=True)
+        if why is not None:
+            logger.info("LLM(%s=...) has no effect: %s", name, why)
     mode = kwargs.pop("tokenizer_mode", "auto")
     if mode not in ("auto", "hf"):
         raise InvalidArgumentError(f"tokenizer_mode {mode!r} is not supported: meshserve loads the tokenizer "
@@ -99,9 +90,6 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs):
-        for name in NO_OP_ARGS.keys() & kwargs.keys():  # as `meshserve serve` takes these flags
-            logger.info("LLM(%s=...) has no effect: %s", name, NO_OP_ARGS[name])
-            del kwargs[name]
         kwargs, self.max_logprobs = _vllm_keywords(kwargs)
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:

@@ -48,6 +48,7 @@ class ServeConfig:
     default_chat_template_kwargs: dict = field(default_factory=dict)  # under each request's own
     trust_request_chat_template: bool = False  # a request may bring its own chat_template
     exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": the template gets no tools
+    enable_request_id_headers: bool = False  # every response carries X-Request-Id (middleware.py)
 
     @property
     def model_name(self) -> str:

@@ -1,4 +1,5 @@
-"""Pure-ASGI gates in front of the app: body size, API key, draining, in-flight counting.
+"""Pure-ASGI gates in front of the app: body size, API key, draining, in-flight counting (and, with
+--enable-request-id-headers, the X-Request-Id response header).
 
 They answer with OpenAI's error JSON themselves, before FastAPI parses anything, so an oversize or
 unauthenticated body is never read past the limit.
@@ -10,6 +11,7 @@ import json
 import re
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,6 +188,28 @@ class GateMiddleware:
                 break
         body = b"".join(chunks)
         return _replay([{"type": "http.request", "body": body, "more_body": False}], receive), body
+
+
+class RequestIdHeaderMiddleware:
+    """--enable-request-id-headers (vLLM's XRequestIdMiddleware): every HTTP response carries an X-Request-Id
+    header, the request's own when it sent one, else a fresh uuid4 hex (not the body's id: vLLM draws its own)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = next((v for k, v in scope.get("headers") or [] if k.lower() == b"x-request-id"), None)
+        request_id = sent if sent is not None else uuid.uuid4().hex.encode()
+
+        async def send_with_request_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_request_id)
 
 
 class RootPathMiddleware:

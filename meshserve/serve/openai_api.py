@@ -20,7 +20,12 @@ from meshserve.serve.config import ServeConfig
 from meshserve.serve.engine_client import EngineClient
 from meshserve.serve.errors import error_body, error_payload, validation_error_payload
 from meshserve.serve.metrics import ServerMetrics
-from meshserve.serve.middleware import GateMiddleware, RootPathMiddleware, ServerState
+from meshserve.serve.middleware import (
+    GateMiddleware,
+    RequestIdHeaderMiddleware,
+    RootPathMiddleware,
+    ServerState,
+)
 from meshserve.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -114,6 +119,12 @@ async def _answer(request: Request, work) -> Response | Any:
         return _json_error(status, body, headers)
 
 
+def _named(body, request: Request):
+    """body, named by the request's X-Request-Id header when it has one (vLLM's _base_request_id: the header
+    wins over the body's request_id, with or without --enable-request-id-headers)."""
+    return body.use_request_id_header(request.headers.get("x-request-id"))
+
+
 def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | None = None) -> FastAPI:
     """The OpenAI-compatible app around a running AsyncLLM."""
     state = state or ServerState()
@@ -141,16 +152,18 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     # outermost (added last): preflights are answered before the API key gate, and its refusals carry CORS headers
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
                        allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
+    if config.enable_request_id_headers:  # outside CORS and the gate: their answers carry it too
+        app.add_middleware(RequestIdHeaderMiddleware)
     if config.root_path:  # outside the gate, which reads the path the routes see
         app.add_middleware(RootPathMiddleware, root_path=config.root_path)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_GENERATION_RESPONSES)
     async def create_completion(body: CompletionRequest, request: Request):
-        return await _answer(request, completions.create(body))
+        return await _answer(request, completions.create(_named(body, request)))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_RESPONSES)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        return await _answer(request, chat.create(body))
+        return await _answer(request, chat.create(_named(body, request)))
 
     @app.post("/v1/responses", response_model=ResponseObject, responses=_RESPONSES_RESPONSES)
     async def create_response(body: ResponsesRequest, request: Request):
@@ -198,6 +211,7 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
             if isinstance(exc, InvalidJSONBody):
                 return _json_error(400, validation_error_payload([{"type": "json_invalid"}]))
             return _json_error(*error_payload(exc)[:2])
+        body = _named(body, request)
         if isinstance(body, ChatCompletionRequest):
             return await _answer(request, chat.create(body))
         return await _answer(request, completions.create(body))

@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from meshserve.engine.chat_template import text_parts
 
@@ -158,7 +158,9 @@ class SamplingRequest(OpenAIModel):
         None, description='truncate_prompt_tokens keeps the last N tokens ("left", the default); "right" (the '
                           'first N) is not supported')
     request_id: str | None = Field(None, description="vLLM's: the response's id is <prefix>-<request_id> "
-                                                     "(a request id in flight may not be reused)")
+                                                     "(a request id in flight may not be reused); an "
+                                                     "X-Request-Id header names the request instead")
+    _header_request_id: str | None = PrivateAttr(None)
     cache_salt: str | None = Field(None, min_length=1,
                                    description="vLLM's: prefix-cache entries are shared only between requests "
                                                "with the same salt (none: the unsalted ones)")
@@ -242,8 +244,17 @@ class SamplingRequest(OpenAIModel):
     def _budget(cls, v: int | None) -> int | None:
         return None if v == -1 else v  # vLLM's "unlimited"
 
+    def use_request_id_header(self, value: str | None):
+        """The request's X-Request-Id header (None: not sent), which names it over the body's request_id (vLLM's
+        _base_request_id, with or without --enable-request-id-headers)."""
+        self._header_request_id = value
+        return self
+
     def response_id(self, prefix: str) -> str:
-        """The response's id, vLLM's way: <prefix>-<request_id> when the request names one, else a random one."""
+        """The response's id, vLLM's way: <prefix>-<X-Request-Id header> when one was sent, else
+        <prefix>-<request_id> when the body names one, else a random one."""
+        if self._header_request_id is not None:
+            return f"{prefix}-{self._header_request_id}"
         return f"{prefix}-{self.request_id or uuid.uuid4().hex}"
 
     @model_validator(mode="after")
@@ -261,11 +272,13 @@ class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
     prompt: PromptText | TokenIds | Annotated[list[PromptText | TokenIds], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 with echo: the prompt alone (vLLM's echo_without_generation); 0 without echo is a 400 (SamplingParams')
+    max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # vLLM extension: each choice (each streamed chunk) carries the ids of its generated tokens, so a client
-    # can re-send exactly what the model produced (multi-turn with token-id prompts, no tokenizer needed)
+    # can re-send exactly what the model produced (multi-turn with token-id prompts, no tokenizer needed), and
+    # its prompt's ids (a stream: in each choice's first chunk); with echo, the echoed text leaves the prompt out
     return_token_ids: bool = False
     # vLLM's: a text prompt is tokenized with the tokenizer's special tokens (e.g. BOS), unless false
     add_special_tokens: bool = True
@@ -275,8 +288,8 @@ class CompletionRequest(SamplingRequest):
     prompt_embeds: str | list[str] | None = Field(None, description="vLLM's: not supported (text prompts and token "
                                                                     "ids only)")
 
-    # (a null max_tokens stays None: up to the context's end, as vLLM's get_max_tokens reads it)
-    _NULLABLE: ClassVar[frozenset[str]] = SamplingRequest._NULLABLE | {"echo", "return_token_ids"}
+    # a null max_tokens is its default, 16 (vLLM's normalize_null_max_tokens), not "up to the context's end"
+    _NULLABLE: ClassVar[frozenset[str]] = SamplingRequest._NULLABLE | {"echo", "return_token_ids", "max_tokens"}
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -285,6 +298,12 @@ class CompletionRequest(SamplingRequest):
         if v == "" or (isinstance(v, list) and (not v or any(p == "" or p == [] for p in v))):
             raise ValueError("prompt must not be empty (nor any prompt of a batch)")
         return v
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: vLLM answers the prompt alone (one token is generated, and counted in usage,
+        but neither its text nor its logprobs are sent)."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one entry per prompt (a string or a list of token ids)."""
@@ -466,6 +485,7 @@ class CompletionChoice(OpenAIModel):
     stop_reason: int | str | None = None
     # with return_token_ids only: absent otherwise, so other clients see OpenAI's shape
     token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
     # with prompt_logprobs only (vLLM puts them in each choice of the prompt's completions)
     prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
 

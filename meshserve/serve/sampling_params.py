@@ -121,8 +121,10 @@ def completion_sampling_params(req: CompletionRequest, defaults: dict | None = N
     the prompt (one pass serves both it and prompt_logprobs: the larger k, each trimmed to its own)."""
     reject_unsupported(req)
     defaults = defaults or {}
-    # (a null max_tokens is None here: up to the context's end, as vLLM's get_max_tokens reads it)
+    # (a null max_tokens never gets here as null: the model reads it as unset, vLLM's 16)
     max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else defaults.get("max_tokens", 16)
+    if req.echo_only:
+        max_tokens = 1  # vLLM's echo_without_generation: one token, not sent (the answer is the prompt alone)
     asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
     return _build(req, defaults, max_tokens, logprobs=req.logprobs, structured_outputs=structured_outputs_of(req),
                   prompt_logprobs=max(asked) if asked else None)

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 class _Echo:
-    """The prompt as it is echoed back: its text and, with logprobs, its tokens' texts."""
+    """The prompt as it is echoed back: its text ("" with return_token_ids, as vLLM: prompt_token_ids carry it)
+    and, with logprobs, its tokens' texts."""
 
     def __init__(self, text: str, token_texts: list[str] | None):
         self.text = text
@@ -86,7 +87,8 @@ class CompletionService:
         for r in requests:
             ids = r.first.prompt_token_ids
             # the prompt's text, when the engine kept it (a token-id or truncated prompt has none: decoded)
-            text = r.first.prompt if r.first.prompt is not None else await self.client.decode(ids)
+            text = "" if req.return_token_ids else \
+                r.first.prompt if r.first.prompt is not None else await self.client.decode(ids)
             texts = await self.client.decode_each(ids) if req.logprobs is not None else None
             echoes.append(_Echo(text, texts))
         return echoes
@@ -108,12 +110,13 @@ class CompletionService:
 
     def _choice(self, req: CompletionRequest, i: int, out: RequestOutput, c: CompletionOutput,
                 echo: _Echo | None) -> CompletionChoice:
-        text = (echo.text if echo else "") + c.text
+        generated, positions = ([], []) if req.echo_only else (c.token_ids, list(c.logprobs or []))
+        text = (echo.text if echo else "") + ("" if req.echo_only else c.text)
         logprobs = None
         as_ids = req.return_tokens_as_token_ids
         if req.logprobs is not None:
             if echo:
-                logprobs = _echoed_logprobs(req, out, c.token_ids, list(c.logprobs or []), echo)
+                logprobs = _echoed_logprobs(req, out, generated, positions, echo)
             else:
                 logprobs = completion_logprobs(c.token_ids, list(c.logprobs or []), as_ids=as_ids)
         scored = (prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs, as_ids)
@@ -121,6 +124,7 @@ class CompletionService:
         return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                 token_ids=list(c.token_ids) if req.return_token_ids else None,
+                                prompt_token_ids=list(out.prompt_token_ids) if req.return_token_ids else None,
                                 prompt_logprobs=scored)
 
     # -- stream ----------------------------------------------------------------------------------
@@ -145,7 +149,8 @@ class CompletionService:
                     if d is None:
                         continue
                     index = i * req.n + c.index
-                    if not want_tokens and not continuous_usage and (echoes is None or not d.first):
+                    echoing = echoes is not None and (d.first or req.echo_only)
+                    if not want_tokens and not continuous_usage and not echoing:
                         yield fast.completion(index, d.text, d.finish_reason, d.stop_reason)
                         continue
                     choice = self._chunk_choice(req, i, finals[i], c, d, echoes[i] if echoes else None,
@@ -175,19 +180,22 @@ class CompletionService:
                       d: ChoiceDelta, echo: _Echo | None, text_offset: int = 0) -> CompletionChoice:
         """out: the request's output so far (for the echoed prompt); c: this step's delta of one choice;
         text_offset: where this chunk's logprob tokens start in the choice's text."""
-        text = d.text
+        # echo with max_tokens 0: the generated token's text and logprobs are not sent (its id is, as vLLM's)
+        text, generated = ("", []) if req.echo_only else (d.text, d.token_ids)
+        positions = [] if req.echo_only else list(c.logprobs or [])
         logprobs = None
         if req.logprobs is not None:
-            positions = list(c.logprobs or [])
-            logprobs = completion_logprobs(d.token_ids, positions, text_offset=text_offset,
+            logprobs = completion_logprobs(generated, positions, text_offset=text_offset,
                                            as_ids=req.return_tokens_as_token_ids)
         if d.first and echo is not None:
             text = echo.text + text
             if logprobs is not None:
-                logprobs = _echoed_logprobs(req, out, d.token_ids, positions, echo)
+                logprobs = _echoed_logprobs(req, out, generated, positions, echo)
+        first_ids = d.first and req.return_token_ids  # vLLM: the prompt's ids in each choice's first chunk
         return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason,
-                                token_ids=d.token_ids if req.return_token_ids else None)
+                                token_ids=d.token_ids if req.return_token_ids else None,
+                                prompt_token_ids=list(out.prompt_token_ids) if first_ids else None)
 
 
 def _echoed_logprobs(req: CompletionRequest, out: RequestOutput, token_ids: list[int], positions: list,

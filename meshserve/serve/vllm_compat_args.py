@@ -7,6 +7,8 @@ Three kinds, all in one argparse group ("vLLM compatibility"):
   refused      meshserve cannot honour it: a one-line error that says what to use instead (_REFUSED, and
                _REFUSED_UNLESS for values other than meshserve's own behaviour), never a flag accepted and
                silently ignored.
+`vllm_flag_treatment` decides for one flag and value; LLM(...) keywords of the same names go through it too
+(entrypoints/llm.py), so the offline API takes each as the server takes the flag.
 Every flag of vLLM 0.26's `vllm serve` parses (tests/serve/test_vllm_compat_args.py lists them), with its short
 names (-n, -sc, -O3, ...) and, for vLLM's on/off flags, its --no-x form. Each flag keeps a dest of its own (but
 _ALIASES, other names of meshserve's own flags); `apply_vllm_compat` folds the aliases into meshserve's own flags,
@@ -127,8 +129,6 @@ _REFUSED: dict[str, tuple[str, str]] = {
     "--enable-server-load-tracking": ("bool", "not supported: there is no /load endpoint (see /metrics)"),
     "--enable-tokenizer-info-endpoint": ("bool", ("not supported: there is no /tokenizer_info endpoint (/tokenize "
                                                   "and /detokenize are served)")),
-    "--enable-request-id-headers": ("bool", ("not supported: responses carry no X-Request-Id header (the body's "
-                                             "id names the request)")),
     "--tokens-only": ("bool", ("not supported: vLLM's tokens-in/tokens-out endpoint is not served (token-id "
                                "prompts work on /v1/completions)")),
     "--enable-return-routed-experts": ("bool", "not supported: outputs carry no MoE routing"),
@@ -171,9 +171,10 @@ _REFUSED: dict[str, tuple[str, str]] = {
     "--data-parallel-external-lb": ("bool", _DP_ONE_NODE),
     "--data-parallel-multi-port-external-lb": ("switch", _DP_ONE_NODE),
 }
-# refused flags' vLLM defaults, which ask for nothing and pass (a vLLM script often spells its defaults out)
+# refused flags' vLLM defaults, which ask for nothing and pass (a vLLM script often spells its defaults out); so
+# do a "bool" flag's --no-x, and an empty value
 _ASKS_FOR_NOTHING = {"--cpu-offload-gb": ("0", "0.0"), "--max-loras": ("1",), "--max-lora-rank": ("16",),
-                     "--lora-dtype": ("auto",)}
+                     "--lora-dtype": ("auto",), "--swap-space": ("0", "0.0")}
 # flag -> (the values that ask for what meshserve does, refused otherwise with why); each a "value" flag
 _REFUSED_UNLESS: dict[str, tuple[tuple[str, ...], str]] = {
     "--logprobs-mode": (("raw_logprobs",), "logprobs are those of the raw logits (raw_logprobs, vLLM's default)"),
@@ -207,8 +208,6 @@ _SERVER_NO_OP = {
     "h11_max_header_count": "uvicorn's own HTTP parser limits apply",
     "enable_offline_docs": "/docs loads its scripts from FastAPI's CDN",
     "enable_flash_late_interaction": "only for late-interaction pooling models: " + _NO_POOLING,
-    "structured_outputs_config": ("its backend key only (anything else is refused): meshserve's structured outputs "
-                                  "have one grammar engine"),
 }
 # every no-op flag and its kind; why: NO_OP_ARGS or _SERVER_NO_OP under its name
 _NO_OP: dict[str, str] = {
@@ -270,7 +269,8 @@ _ALIASES = {"--nnodes": "-n", "--node-rank": "-r", "--speculative-config": "-sc"
 # meshserve's on-switches that vLLM pairs with --no-x (argparse's BooleanOptionalAction)
 _NEGATABLE = ("--trust-request-chat-template", "--return-tokens-as-token-ids", "--enable-auto-tool-choice",
               "--exclude-tools-when-tool-choice-none", "--enable-prompt-tokens-details",
-              "--enable-force-include-usage", "--enable-log-requests", "--enable-log-outputs",
+              "--enable-force-include-usage", "--enable-request-id-headers", "--enable-log-requests",
+              "--enable-log-outputs",
               "--disable-uvicorn-access-log", "--allow-credentials", "--disable-fastapi-docs",
               "--trust-remote-code", "--enforce-eager", "--enable-expert-parallel", "--disable-custom-all-reduce")
 # vLLM's shorthands of --speculative-config keys
@@ -360,6 +360,9 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-log-requests", action="store_true", help="no-op: requests are not logged by default")
     g.add_argument("--max-log-len", type=int, default=None,
                    help="--enable-log-requests: most prompt characters and token ids logged (default: all)")
+    g.add_argument("--enable-request-id-headers", action="store_true",
+                   help="every response carries an X-Request-Id header: the request's own, else a random one "
+                        "(a request's X-Request-Id names it, <prefix>-<id>, with or without this flag)")
     g.add_argument("--enable-force-include-usage", action="store_true",
                    help="every stream ends with a usage chunk, without stream_options.include_usage")
     g.add_argument("--enable-prompt-tokens-details", action="store_true",
@@ -409,9 +412,50 @@ def _add_flag(g, flag: str, kind: str) -> None:
                        default=None, help=argparse.SUPPRESS)
 
 
-def _given(ns: argparse.Namespace, flag: str) -> bool:
-    value = getattr(ns, _dest(flag), None)
-    return value not in (None, False)
+def vllm_keyword_flag(name: str) -> str | None:
+    """The flag that one of vLLM's LLM(...) keywords this module treats (refused, or a no-op) stands for; None for
+    any other name. Server-only no-ops (_SERVER_NO_OP) are no LLM(...) keywords: vLLM's LLM takes none of them."""
+    flag = "--" + name.replace("_", "-")
+    return flag if flag in _REFUSED or flag in _REFUSED_UNLESS or name in NO_OP_ARGS else None
+
+
+def _as_flag_value(value: Any) -> Any:
+    """An LLM(...) keyword's value as `meshserve serve` would have parsed the flag: text (a list of texts for
+    several, JSON for a dict), True for a switch given, False for --no-x; None: not given."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [str(v) for v in value]
+    return str(value)
+
+
+def vllm_flag_treatment(flag: str, value: Any, data_parallel_size: int = 1, *, keyword: bool = False) -> str | None:
+    """How meshserve takes one of vLLM's flags that it does not implement as vLLM does, given its value (None: not
+    given): `meshserve serve` the parsed flag, LLM(...) the keyword of the same name (keyword=True: a Python value,
+    read as the flag's text). A refusal raises InvalidArgumentError, one line with what to use instead; a no-op
+    given returns why it has no effect (for the caller to log); a value that asks for nothing returns None."""
+    name = _name(flag)
+    if keyword:
+        value = _as_flag_value(value)
+        label, shown = f"LLM({name}=...)", f"LLM({name}={value!r})"
+    else:
+        label, shown = flag, f"{flag} {value}"
+    if flag in _REFUSED:
+        if value not in (None, False, "", []) and value not in _ASKS_FOR_NOTHING.get(flag, ()):
+            raise InvalidArgumentError(f"{label}: {_REFUSED[flag][1]}", param=name)
+        return None
+    if flag in _REFUSED_UNLESS:
+        accepted, why = _REFUSED_UNLESS[flag]
+        if flag == "--data-parallel-size-local":
+            accepted = (str(data_parallel_size),)
+        if value is not None and value not in accepted:
+            raise InvalidArgumentError(f"{shown}: {why}", param=name)
+        return None
+    if flag == "--structured-outputs-config":
+        _check_structured_outputs_config(value, label)
+    return None if value is None else no_op_reason(flag)
 
 
 def apply_vllm_compat(ns: argparse.Namespace) -> None:
@@ -421,21 +465,11 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
         from meshserve.serve.config_file import merge_config_file
 
         merge_config_file(ns, ns.serve_parser, ns.config_file, getattr(ns, "argv", None))
-    for flag, (_kind, why) in _REFUSED.items():
-        if _given(ns, flag) and getattr(ns, _dest(flag)) not in _ASKS_FOR_NOTHING.get(flag, ()):
-            raise InvalidArgumentError(f"{flag}: {why}", param=_name(flag))
-    for flag, (accepted, why) in _REFUSED_UNLESS.items():
+    for flag in (*_REFUSED, *_REFUSED_UNLESS, *_NO_OP):  # every refusal before any no-op is logged
         value = getattr(ns, _dest(flag))
-        if flag == "--data-parallel-size-local":
-            accepted = (str(ns.data_parallel_size),)
-        if value is not None and value not in accepted:
-            raise InvalidArgumentError(f"{flag} {value}: {why}", param=_name(flag))
-    _check_structured_outputs_config(getattr(ns, _dest("--structured-outputs-config")))
-    for flag in _NO_OP:
-        value = getattr(ns, _dest(flag))
-        if value is not None:  # given: --no-x is False
-            logger.info("%s has no effect: %s", flag if value is not False else "--no-" + flag[2:],
-                        no_op_reason(flag))
+        why = vllm_flag_treatment(flag, value, ns.data_parallel_size)
+        if why is not None:  # a no-op given: --no-x is False
+            logger.info("%s has no effect: %s", flag if value is not False else "--no-" + flag[2:], why)
     _fold_spec_shorthands(ns)
     if ns.tokenizer_mode not in ("auto", "hf"):
         raise InvalidArgumentError(f"--tokenizer-mode {ns.tokenizer_mode} is not supported: meshserve loads the "
@@ -487,7 +521,7 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
     ns.chat_template_text = load_chat_template(ns.chat_template)
 
 
-def _check_structured_outputs_config(text: str | None) -> None:
+def _check_structured_outputs_config(text: str | None, label: str = "--structured-outputs-config") -> None:
     """--structured-outputs-config: {"backend": ...} passes as a no-op; keys that change answers are refused."""
     if text is None:
         return
@@ -496,13 +530,13 @@ def _check_structured_outputs_config(text: str | None) -> None:
     except ValueError:
         value = None
     if not isinstance(value, dict):
-        raise InvalidArgumentError(f"--structured-outputs-config: expected a JSON object, got {text!r}",
+        raise InvalidArgumentError(f"{label}: expected a JSON object, got {text!r}",
                                    param="structured_outputs_config")
     other = sorted(set(value) - {"backend"})
     if other:
-        raise InvalidArgumentError(f"--structured-outputs-config: {', '.join(other)} not supported (only backend "
-                                   "is taken, with no effect: meshserve's structured outputs have one grammar "
-                                   "engine)", param="structured_outputs_config")
+        raise InvalidArgumentError(f"{label}: {', '.join(other)} not supported (only backend is taken, with no "
+                                   "effect: meshserve's structured outputs have one grammar engine)",
+                                   param="structured_outputs_config")
 
 
 def _fold_spec_shorthands(ns: argparse.Namespace) -> None:
@@ -604,7 +638,8 @@ def compat_serve_fields(ns: argparse.Namespace) -> dict[str, Any]:
             "return_tokens_as_token_ids": ns.return_tokens_as_token_ids,
             "default_chat_template_kwargs": dict(ns.default_chat_template_kwargs),
             "trust_request_chat_template": ns.trust_request_chat_template,
-            "exclude_tools_when_tool_choice_none": ns.exclude_tools_when_tool_choice_none}
+            "exclude_tools_when_tool_choice_none": ns.exclude_tools_when_tool_choice_none,
+            "enable_request_id_headers": ns.enable_request_id_headers}
 
 
 def compat_http_fields(ns: argparse.Namespace) -> dict[str, Any]:

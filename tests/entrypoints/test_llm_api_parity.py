@@ -163,6 +163,36 @@ def test_constructor_keywords(tiny_model_dir):
     assert rest == {"block_size": 4} and max_logprobs == 5
 
 
+def test_constructor_keywords_are_treated_as_serve_treats_their_flags(caplog):
+    # one rule for both (vllm_compat_args.vllm_flag_treatment): "refused unless meshserve's own value" ...
+    for kw, match in ((dict(logprobs_mode="processed_logprobs"), r"LLM\(logprobs_mode='processed_logprobs'\): "
+                                                                 "logprobs are those of the raw logits"),
+                      (dict(decode_context_parallel_size=2), "context parallelism"),
+                      (dict(model_impl="transformers"), "own implementation"),
+                      (dict(data_parallel_size_local=2), "data_parallel_size_local"),
+                      (dict(structured_outputs_config={"disable_any_whitespace": True}), "disable_any_whitespace"),
+                      (dict(compilation_config={"mode": 3}), "torch.compile")):
+        with pytest.raises(InvalidArgumentError, match=match) as e:
+            _vllm_keywords(kw)
+        assert e.value.param == next(iter(kw)) and not isinstance(e.value, TypeError)
+    # ... passes at meshserve's own value (as vLLM's default spelled out), as the flag does
+    rest, _ = _vllm_keywords(dict(logprobs_mode="raw_logprobs", decode_context_parallel_size=1, model_impl="vllm",
+                                  convert="none", offload_group_size=0, worker_extension_cls="", max_loras=1,
+                                  cpu_offload_gb=0.0, data_parallel_size_local=1, block_size=4))
+    assert rest == {"block_size": 4}
+    # the no-ops outside NO_OP_ARGS' plain entries: taken and logged, with why
+    with caplog.at_level("INFO", logger="meshserve"):
+        rest, _ = _vllm_keywords(dict(structured_outputs_config={"backend": "xgrammar"}, stream_interval=4,
+                                      trust_remote_code=True))
+    assert rest == {}
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    for name in ("structured_outputs_config", "stream_interval", "trust_remote_code"):
+        assert f"LLM({name}=...) has no effect" in logged
+    # vLLM's server-only flags are no LLM(...) keywords (vLLM's EngineArgs takes none): left for the unknown check
+    rest, _ = _vllm_keywords(dict(log_config_file="x.json", enable_request_id_headers=True))
+    assert rest == {"log_config_file": "x.json", "enable_request_id_headers": True}
+
+
 def test_methods_meshserve_does_not_implement_say_so(llm):
     for name in ("encode", "embed", "classify", "score", "reward", "beam_search"):
         with pytest.raises(NotImplementedError, match="not implemented"):

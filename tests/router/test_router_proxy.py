@@ -306,3 +306,27 @@ def test_pool_sync_keeps_static_backends_and_drops_vanished_ones():
     pool.sync_primaries(["http://10.0.0.1:1"], static=["http://static:1"])
     assert {r.url for r in pool.primaries} == {"http://static:1", "http://10.0.0.1:1"}
     assert gone.removed and not gone.healthy
+
+
+def test_x_request_id_passes_through_both_ways(router):
+    # the client's X-Request-Id reaches the replica (which names the request by it) and the replica's
+    # X-Request-Id (--enable-request-id-headers) comes back, streamed or not
+    from meshserve.serve.middleware import RequestIdHeaderMiddleware
+    from tests.router.conftest import Script, fake_replica_app, serve_in_thread
+
+    script = Script("a")
+    app = fake_replica_app(script)
+    app.add_middleware(RequestIdHeaderMiddleware)
+    up = serve_in_thread(app)
+    try:
+        r = router(RouterConfig(backends=[up.base_url], **QUIET))
+        for stream in (False, True):
+            with httpx.stream("POST", r.base_url + "/v1/completions", headers={"X-Request-Id": f"trace-{stream}"},
+                              json={"model": "tiny", "prompt": "x", "stream": stream}, timeout=10) as resp:
+                resp.read()
+                assert resp.status_code == 200 and resp.headers.get_list("x-request-id") == [f"trace-{stream}"]
+            assert script.requests[-1]["headers"]["x-request-id"] == f"trace-{stream}"
+        resp = httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert len(resp.headers["x-request-id"]) == 32  # the replica's own, passed on
+    finally:
+        up.stop()

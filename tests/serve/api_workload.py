@@ -105,6 +105,7 @@ class Choice:
     stop_reason: int | str | None = None
     logprob_tokens: list[str] = field(default_factory=list)  # one per token with logprobs (echo: prompt first)
     logprobs: list[float | None] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)  # return_token_ids (streamed: in the first chunk)
 
 
 @dataclass
@@ -123,6 +124,7 @@ def _fold(choice: Choice, c: dict, chat: bool) -> None:
     else:
         choice.text += c["text"]
         choice.token_ids += c.get("token_ids") or []
+        choice.prompt_token_ids += c.get("prompt_token_ids") or []
         lp = c.get("logprobs")
         if lp:
             choice.logprob_tokens += lp["tokens"]

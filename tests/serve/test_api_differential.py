@@ -45,8 +45,8 @@ def assert_same(want: Result, got: Result, where: str, usage: bool = True) -> No
     for i, w in want.choices.items():
         g = got.choices[i]
         at = f"{where} choice {i}"
-        assert (w.text, w.token_ids, w.finish_reason, w.stop_reason) == \
-            (g.text, g.token_ids, g.finish_reason, g.stop_reason), at
+        assert (w.text, w.token_ids, w.finish_reason, w.stop_reason, w.prompt_token_ids) == \
+            (g.text, g.token_ids, g.finish_reason, g.stop_reason, g.prompt_token_ids), at
         assert w.logprob_tokens == g.logprob_tokens, at
         assert len(w.logprobs) == len(g.logprobs), at
         for a, b in zip(w.logprobs, g.logprobs):
@@ -72,7 +72,7 @@ def check_completion(req: ApiRequest, res: Result, tokenizer, where: str) -> Non
         prompt = prompts[index // n]
         prompt_ids = prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
         text = c.text
-        if body.get("echo"):
+        if body.get("echo") and not body.get("return_token_ids"):  # with them, vLLM leaves the prompt's text out
             echoed = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
             assert text.startswith(echoed), at
             text = text[len(echoed):]
@@ -82,6 +82,7 @@ def check_completion(req: ApiRequest, res: Result, tokenizer, where: str) -> Non
             generated = len(c.logprobs) - (len(prompt_ids) if body.get("echo") else 0)
             assert generated == len(c.token_ids) or not body.get("return_token_ids"), at
         total += generated
+        assert c.prompt_token_ids == (prompt_ids if body.get("return_token_ids") else []), at
         if not body.get("return_token_ids"):
             continue
         assert 1 <= len(c.token_ids) <= body["max_tokens"], at

@@ -343,6 +343,35 @@ def test_request_id_names_the_response(http):
     assert a != b and a.startswith("cmpl-")
 
 
+def test_echo_with_max_tokens_0_answers_the_prompt_alone(http):
+    # vLLM's echo_without_generation (completion/protocol.py to_sampling_params, serving.py): max_tokens 0 with
+    # echo generates one token that is not sent: the text and logprobs are the prompt's; usage counts that token
+    prompt = [5, 17, 40, 99]
+    text = _ok(http.post(DETOK, json={"model": MODEL, "tokens": prompt}))["prompt"]
+    body = {**BASE[COMPL], "prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 2}
+    whole = _ok(http.post(COMPL, json=body))
+    choice = whole["choices"][0]
+    assert choice["text"] == text and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(prompt) and lp["token_logprobs"][0] is None
+    assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+    assert whole["usage"]["prompt_tokens"] == 4 and whole["usage"]["completion_tokens"] == 1
+    one = _ok(http.post(COMPL, json={**body, "max_tokens": 1}))["choices"][0]  # the token it left out
+    assert one["text"].startswith(text) and len(one["logprobs"]["tokens"]) == len(prompt) + 1
+    chunks = _ok(http.post(COMPL, json={**body, "stream": True}))
+    events = [json.loads(line[6:]) for line in chunks.splitlines() if line.startswith("data: {")]
+    streamed = [c for e in events for c in e["choices"]]
+    assert "".join(c["text"] for c in streamed) == text
+    assert sum(len(c["logprobs"]["tokens"]) for c in streamed) == len(prompt)
+    plain = _ok(http.post(COMPL, json={**body, "logprobs": None, "stream": True}))
+    assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in plain.splitlines()
+                   if line.startswith("data: {")) == text
+    # without echo, 0 is still a 400 naming max_tokens (vLLM's SamplingParams: at least 1)
+    err = assert_error_shape(http.post(COMPL, json={**BASE[COMPL], "max_tokens": 0}), 400)
+    assert err["param"] == "max_tokens"
+    assert assert_error_shape(http.post(COMPL, json={**body, "max_tokens": -1}), 400)["param"] == "max_tokens"
+
+
 def _cached(http, prompt: list[int], **extra) -> int:
     body = _ok(http.post(COMPL, json={**BASE[COMPL], "prompt": prompt, "max_tokens": 1, **extra}))
     return body["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -431,8 +460,8 @@ def test_completions_add_special_tokens(http, bos_tokenizer):
 def test_nulls_take_the_defaults(http):
     body = _ok(http.post(COMPL, json={**BASE[COMPL], "max_tokens": None, "ignore_eos": True, "n": None,
                                       "echo": None, "stream": None}))
-    # a null max_tokens is vLLM's get_max_tokens(None): up to the context's end (max_model_len 512, 3 prompt tokens)
-    assert body["usage"]["completion_tokens"] == 512 - 3 and len(body["choices"]) == 1
+    # vLLM's normalize_null_max_tokens: null is the default, 16 (not up to the context's end)
+    assert body["usage"]["completion_tokens"] == 16 and len(body["choices"]) == 1
     chat = _ok(http.post(CHAT, json={**BASE[CHAT], "n": None, "stream": None, "logprobs": None,
                                      "presence_penalty": None, "frequency_penalty": None}))
     assert len(chat["choices"]) == 1 and chat["choices"][0]["logprobs"] is None

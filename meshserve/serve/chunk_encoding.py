@@ -46,12 +46,14 @@ class ChunkEncoder:
                          _reason(stop_reason), self._tail))
 
     def chat(self, index: int, content: str | None, finish_reason: str | None,
-             stop_reason: int | str | None) -> bytes:
-        """A /v1/chat/completions chunk of one choice whose delta holds content only (or nothing)."""
+             stop_reason: int | str | None, token_ids: list[int] | None = None) -> bytes:
+        """A /v1/chat/completions chunk of one choice whose delta holds content only (or nothing); token_ids:
+        the delta's ids (return_token_ids), None to leave the key out."""
         delta = b"{}" if content is None else b'{"content":' + json_string(content) + b"}"
+        ids = b"" if token_ids is None else b',"token_ids":' + _encode(token_ids)
         return b"".join((self._head, str(index).encode(), b',"delta":', delta,
                          b',"logprobs":null,"finish_reason":', _encode(finish_reason), b',"stop_reason":',
-                         _reason(stop_reason), self._tail))
+                         _reason(stop_reason), ids, self._tail))
 
 
 def _reason(stop_reason: int | str | None) -> bytes:

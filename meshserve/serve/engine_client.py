@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -227,8 +228,12 @@ class EngineClient:
             self.load.request_reached_handler(arrival_time)
         ttft = slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms else None
         tpot = slo.tpot_ms / 1e3 if slo is not None and slo.tpot_ms else None
-        gens = [self.allm.generate(p, params, f"{request_id}-{i}", priority, ttft, tpot, arrival_time)
-                for i, p in enumerate(prompts)]
+        # the engine's id of each prompt: <response id>-<i> plus a random suffix (vLLM's assign_request_id), so
+        # a client's request_id / X-Request-Id may name several requests in flight at once; the response keeps
+        # the client's name, and logs name each prompt <response id>-<i> (as vLLM's, the external id)
+        names = [f"{request_id}-{i}" for i in range(len(prompts))]
+        gens = [self.allm.generate(p, params, f"{name}-{uuid.uuid4().hex[:8]}", priority, ttft, tpot,
+                                   arrival_time) for name, p in zip(names, prompts)]
         tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
         self._num_starting += len(gens)
         try:
@@ -244,8 +249,8 @@ class EngineClient:
         finally:
             self._num_starting -= len(gens)
         log_outputs = self.config.enable_log_requests and self.config.enable_log_outputs
-        return [EngineRequest(g, first, OutputLog(self.config.max_log_len) if log_outputs else None)
-                for g, first in zip(gens, firsts)]
+        return [EngineRequest(g, first, OutputLog(self.config.max_log_len, name) if log_outputs else None)
+                for g, first, name in zip(gens, firsts, names)]
 
 
 async def merge_requests(requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -38,8 +38,9 @@ def log_request(request_id: str, parts: list[tuple[str | None, list[int] | None]
 class OutputLog:
     """Collects one request's DELTA outputs; logs each choice once the request finishes."""
 
-    def __init__(self, max_len: int | None):
+    def __init__(self, max_len: int | None, name: str | None = None):
         self.max_len = max_len
+        self.name = name  # the request's name in the logs (when None: its engine id, random suffix and all)
         self.texts: dict[int, str] = {}
         self.token_ids: dict[int, list[int]] = {}
 
@@ -49,5 +50,6 @@ class OutputLog:
             self.token_ids.setdefault(c.index, []).extend(c.token_ids)
             if c.finish_reason is not None:
                 logger.info("Generated response %s (choice %d): output: %r, output_token_ids: %s, "
-                            "finish_reason: %s", out.request_id, c.index, _cut(self.texts[c.index], self.max_len),
+                            "finish_reason: %s", self.name or out.request_id, c.index,
+                            _cut(self.texts[c.index], self.max_len),
                             _cut(self.token_ids[c.index], self.max_len), c.finish_reason)

@@ -412,7 +412,10 @@ class ChatCompletionRequest(SamplingRequest):
     # not implemented: only their empty / off values are accepted (a 400 names them otherwise)
     mm_processor_kwargs: dict[str, Any] | None = Field(None, description="not supported: text models only")
     media_io_kwargs: dict[str, dict[str, Any]] | None = Field(None, description="not supported: text models only")
-    return_token_ids: bool = Field(False, description="not supported on chat completions (it is on /v1/completions)")
+    # vLLM's: each choice carries its generated ids (the raw ids, whatever the reasoning and tool parsers make of
+    # the text; streamed: each chunk the ids of its delta) and the response the prompt's (streamed: in the role
+    # chunks only, the first of each choice)
+    return_token_ids: bool = False
     return_prompt_text: bool = Field(False, description="not supported: must be absent or false")
     # OpenAI's, which vLLM ignores: audio output and web search would change the answer, so they are refused
     audio: dict[str, Any] | None = Field(None, description="not supported: text output only")
@@ -546,6 +549,8 @@ class ChatChoice(OpenAIModel):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    # with return_token_ids only: absent otherwise, so other clients see OpenAI's shape
+    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatCompletionResponse(OpenAIModel):
@@ -558,6 +563,7 @@ class ChatCompletionResponse(OpenAIModel):
     system_fingerprint: str | None = None
     # with prompt_logprobs only (vLLM puts them beside the choices: the prompt is shared)
     prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)  # with return_token_ids
     # a prefill leg (kv_transfer_params do_remote_decode): its held KV's handle for the decode leg, as vLLM answers
     kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
 
@@ -575,6 +581,7 @@ class ChatChunkChoice(OpenAIModel):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)  # with return_token_ids: the delta's
 
 
 class ChatCompletionChunk(OpenAIModel):
@@ -584,6 +591,8 @@ class ChatCompletionChunk(OpenAIModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    # with return_token_ids: in the role chunks (each choice's first) only, as vLLM's
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionChunk(OpenAIModel):

@@ -69,8 +69,6 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     for name in ("mm_processor_kwargs", "media_io_kwargs"):
         if getattr(req, name):
             raise _unsupported(name, "this server runs text-only models")
-    if req.return_token_ids:
-        raise _unsupported("return_token_ids", "on chat completions; /v1/completions returns them")
     if req.return_prompt_text:
         raise _unsupported("return_prompt_text", "POST /tokenize renders a conversation")
     if req.audio is not None or any(m != "text" for m in req.modalities or []):

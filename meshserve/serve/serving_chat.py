@@ -153,6 +153,14 @@ class ChatService:
         last = req.messages[-1]
         return last.text() if req.echo and last.role == self._role(req) else ""
 
+    def _sends_ids(self, req: ChatCompletionRequest) -> bool:
+        """Whether each choice carries its generated ids (return_token_ids): the raw ids, whatever the parsers
+        make of the text; but not with include_reasoning false on a server with a reasoning or auto-tool
+        parser, whose ids would give the hidden reasoning away (vLLM's hide_stream_metadata, suppress_metadata)."""
+        parsers = self.reasoning_parser is not None or bool(self.config.enable_auto_tool_choice
+                                                           and self.config.tool_call_parser)
+        return req.return_token_ids and not (parsers and not req.include_reasoning)
+
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], positions) -> ChatChoiceLogprobs | None:
         if not req.logprobs:
             return None
@@ -173,9 +181,10 @@ class ChatService:
                 choice.message.content = echo + (choice.message.content or "")
         scored = (prompt_logprobs(final.prompt_token_ids, final.prompt_logprobs, req.prompt_logprobs,
                                   req.return_tokens_as_token_ids) if req.prompt_logprobs is not None else None)
+        prompt_ids = list(final.prompt_token_ids) if req.return_token_ids else None
         return ChatCompletionResponse(id=started.request_id, model=started.model, choices=choices,
-                                      usage=usage_of([final]),
-                                      prompt_logprobs=scored, kv_transfer_params=final.kv_transfer_params)
+                                      usage=usage_of([final]), prompt_logprobs=scored, prompt_token_ids=prompt_ids,
+                                      kv_transfer_params=final.kv_transfer_params)
 
     def _choice(self, req: ChatCompletionRequest, c: CompletionOutput, started: ChatStart) -> ChatChoice:
         thought, content, calls = started.read(c)
@@ -184,7 +193,8 @@ class ChatService:
                                       tool_calls=calls or None)
         return ChatChoice(index=c.index, message=message,
                           logprobs=self._logprobs(req, c.token_ids, c.logprobs),
-                          finish_reason=finish, stop_reason=c.stop_reason)
+                          finish_reason=finish, stop_reason=c.stop_reason,
+                          token_ids=list(c.token_ids) if self._sends_ids(req) else None)
 
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, started: ChatStart, tracker: RequestTracker) -> AsyncIterator[str | bytes]:
@@ -195,6 +205,11 @@ class ChatService:
         thinking = {i: reasoning.stream() for i in range(req.n)} if reasoning else {}
         include_usage, continuous_usage = stream_usage_flags(req, self.config)
         num_prompt = len(request.first.prompt_token_ids)
+        # return_token_ids: a chunk for every new token (none held back, even while the parsers hold its
+        # text), so the chunks' ids add up to the choice's; the prompt's ids go in the role chunks
+        send_ids = self._sends_ids(req)
+        prompt_ids = list(request.first.prompt_token_ids) if req.return_token_ids else None
+        need_tokens = req.logprobs or plan.mode != "none" or bool(reasoning) or send_ids
         final: RequestOutput | None = None
         # content-only chunks (no logprobs, no tools, no usage in each) skip pydantic
         fast = ChunkEncoder(request_id, model, "chat.completion.chunk") \
@@ -204,7 +219,8 @@ class ChatService:
             for i in range(req.n):  # the role comes first, in a chunk of its own, as OpenAI sends it
                 yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[
                     ChatChunkChoice(index=i, delta=ChatDelta(role=self._role(req), content=""))],
-                    usage=choice_usage(num_prompt, None, i) if continuous_usage else None))
+                    usage=choice_usage(num_prompt, None, i) if continuous_usage else None,
+                    prompt_token_ids=prompt_ids))
             if echo := self._echo(req):  # the echoed message, before what is generated (as vLLM sends it)
                 for i in range(req.n):
                     yield _chunk_event(ChatCompletionChunk(id=request_id, model=model, choices=[
@@ -215,11 +231,14 @@ class ChatService:
                 final = accumulate(final, out)
                 texts = {c.index: c.text for c in final.outputs}
                 for c in out.outputs:
-                    d = state.delta(0, c, need_tokens=req.logprobs or plan.mode != "none" or bool(reasoning))
+                    d = state.delta(0, c, need_tokens=need_tokens)
                     if d is not None and fast is not None:
-                        yield fast.chat(c.index, d.text or None, d.finish_reason, d.stop_reason)
+                        yield fast.chat(c.index, d.text or None, d.finish_reason, d.stop_reason,
+                                        d.token_ids if send_ids else None)
                     elif d is not None:
                         choice = self._chunk_choice(req, c, d)
+                        if send_ids:
+                            choice.token_ids = d.token_ids
                         if thinking:  # the reasoning goes out as it comes; tools read the content after it
                             choice.delta.reasoning, choice.delta.content = thinking[c.index].step(
                                 d.text, d.token_ids, d.finish_reason is not None)
@@ -230,7 +249,7 @@ class ChatService:
                                          thinking[c.index].content if thinking else texts[c.index])
                         if (tool_streams or thinking) and not (choice.delta.content or choice.delta.reasoning or
                                                                choice.delta.tool_calls or choice.finish_reason
-                                                               or choice.logprobs):
+                                                               or choice.logprobs or choice.token_ids):
                             continue  # text held back (a possible tool call or tag): nothing to send yet
                         yield _chunk_event(ChatCompletionChunk(
                             id=request_id, model=model, choices=[choice],

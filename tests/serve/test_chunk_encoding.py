@@ -30,11 +30,13 @@ def test_completion_chunk_bytes_match_pydantic(text, finish, stop):
 
 @pytest.mark.parametrize("text", [*TEXTS, None])
 @pytest.mark.parametrize(("finish", "stop"), [(None, None), ("stop", 2), ("length", None)])
-def test_chat_chunk_bytes_match_pydantic(text, finish, stop):
+@pytest.mark.parametrize("token_ids", [None, [], [5, 1017]])  # return_token_ids: the delta's ids
+def test_chat_chunk_bytes_match_pydantic(text, finish, stop, token_ids):
     fast = ChunkEncoder("chatcmpl-1", "tiny", "chat.completion.chunk", created=5)
     slow = _chunk_event(ChatCompletionChunk(id="chatcmpl-1", model="tiny", created=5, choices=[
-        ChatChunkChoice(index=0, delta=ChatDelta(content=text), finish_reason=finish, stop_reason=stop)]))
-    got = fast.chat(0, text, finish, stop)
+        ChatChunkChoice(index=0, delta=ChatDelta(content=text), finish_reason=finish, stop_reason=stop,
+                        token_ids=token_ids)]))
+    got = fast.chat(0, text, finish, stop, token_ids)
     assert got == slow.encode()
     assert got.endswith(b"\n\n") and got.count(b"\n") == 2  # one event: no raw line break inside
     json.loads(got[len(b"data: "):])

@@ -135,7 +135,8 @@ TABLE = [
     (CHAT, "request_id", {"request_id": "parity-chat"}, SAME),
     (CHAT, "return_tokens_as_token_ids", {"logprobs": True, "return_tokens_as_token_ids": True}, SAME),
     (CHAT, "return_token_ids", {"return_token_ids": False}, SAME),
-    (CHAT, "return_token_ids", {"return_token_ids": True}, REFUSED),
+    (CHAT, "return_token_ids", {"return_token_ids": True}, SAME),
+    (CHAT, "return_token_ids", {"return_token_ids": None}, SAME),
     (CHAT, "return_token_offsets", {"return_token_offsets": True}, IGNORED),  # vLLM: /render only
     (CHAT, "return_prompt_text", {"return_prompt_text": True}, REFUSED),
     (CHAT, "return_assistant_tokens_mask", {"return_assistant_tokens_mask": True}, IGNORED),  # vLLM: /render only

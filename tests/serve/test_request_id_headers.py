@@ -1,7 +1,8 @@
 """X-Request-Id as vLLM 0.26 treats it: a request's header names it (the response id is <prefix>-<header>, over the
 body's request_id) with or without --enable-request-id-headers (serving.py's _base_request_id); with the flag every
 response carries an X-Request-Id header, the request's own or a fresh uuid4 hex (server_utils.XRequestIdMiddleware),
-refusals from the gate included."""
+refusals from the gate included. An id may name several requests in flight at once (vLLM's assign_request_id: the
+engine's own id gets a random suffix, the response keeps the client's)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from meshserve.serve.config import ServeConfig
-from tests.serve.conftest import MODEL, start_server
+from tests.serve.conftest import MODEL, start_server, wait_idle
 
 COMPLETION = {"model": MODEL, "prompt": [5, 17, 40], "max_tokens": 2, "temperature": 0, "ignore_eos": True}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
@@ -47,6 +48,43 @@ def test_the_header_names_the_request_over_the_body_without_the_flag(http):
     assert ids == {"chatcmpl-trace-8"}
     # SageMaker's /invocations goes to the same handlers
     assert http.post("/invocations", json=COMPLETION, headers={"X-Request-Id": "sm-1"}).json()["id"] == "cmpl-sm-1"
+
+
+@pytest.mark.parametrize("path,prefix,named_by", [("/v1/chat/completions", "chatcmpl", "header"),
+                                                   ("/v1/completions", "cmpl", "body")])
+def test_requests_in_flight_may_share_an_id(live, path, prefix, named_by):
+    # vLLM accepts them (the engine's id is <id>-<random>); meshserve refused the second as "already in use"
+    allm = live.allm
+    wait_idle(allm)
+    rid = f"dup-{named_by}-{prefix}"
+    headers, extra = ({"X-Request-Id": rid}, {}) if named_by == "header" else ({}, {"request_id": rid})
+    base = {**(CHAT if prefix == "chatcmpl" else COMPLETION), **extra, "ignore_eos": True}
+    # long enough that the first stays in flight while the second runs (as in test_lifecycle's disconnect test)
+    long = {**base, "max_tokens": 480, "n": 16, "stream": True}
+    with httpx.Client(base_url=live.base_url, timeout=60) as http:
+        with http.stream("POST", path, json=long, headers=headers) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()
+            line = next(x for x in lines if x.startswith("data: "))
+            assert json.loads(line[6:])["id"] == f"{prefix}-{rid}"
+            assert allm.engine.requests  # the first is still generating
+            second = http.post(path, json={**base, "max_tokens": 3}, headers=headers)
+            assert second.status_code == 200, second.text
+            assert second.json()["id"] == f"{prefix}-{rid}" and second.json()["usage"]["completion_tokens"] == 3
+            _, ids = _stream_ids(http, path, {**base, "max_tokens": 3}, headers)  # and a third, streamed
+            assert ids == {f"{prefix}-{rid}"}
+            # the others' ends aborted nothing of the first: each of its choices runs to its length
+            finishes = [ch["finish_reason"] for x in lines if x.startswith("data: {")
+                        for ch in json.loads(x[6:])["choices"] if ch["finish_reason"]]
+            assert finishes == ["length"] * 16
+        stats = wait_idle(allm)
+        assert not allm.engine.requests and stats["kv_cache_usage"] == 0.0
+        # a disconnect still aborts its own request (by its engine id): everything is freed
+        with http.stream("POST", path, json=long, headers=headers) as first:
+            next(x for x in first.iter_lines() if x.startswith("data: "))
+            assert http.post(path, json={**base, "max_tokens": 3}, headers=headers).status_code == 200
+        stats = wait_idle(allm)
+        assert not allm.engine.requests and stats["kv_cache_usage"] == 0.0
 
 
 def test_with_the_flag_each_response_carries_the_request_s_header(with_headers):

@@ -96,7 +96,9 @@ def test_qwen3_coder_types_values_by_the_tool_schema():
     assert _calls(p, text) == ("I'll look.\n", [("get_weather", {"city": "12 Rue", "days": 3, "metric": True,
                                                                  "extra": {"a": [1]}})])
     assert _calls(p, "<tool_call>\n<function=f>\n</function>\n</tool_call>") == (None, [("f", {})])
-    for bad in ("<tool_call>\n<function=f>\n<parameter=a>\n1\n", "<tool_call>\n<function=f\n"):
+    # cut short after the name: the call with the parameters completed so far, closed (as vLLM's); before it: text
+    assert _calls(p, "<tool_call>\n<function=f>\n<parameter=a>\n1\n") == (None, [("f", {})])
+    for bad in ("<tool_call>\n<function=f\n", "<tool_call>\n<function=f</tool_call>"):
         assert p.extract(bad) == (bad, []), bad
 
 
@@ -170,3 +172,90 @@ def test_every_registered_parser_survives_garbage():
             content, calls = p.extract(junk)
             assert calls == [] and content == junk
             assert p.extract_partial(junk).content_end <= len(junk)
+
+
+# Regressions from a differential check against vLLM 0.26's parsers (fixed inputs; vLLM is not needed here).
+
+def _whole(name, text):
+    plan = ToolPlan("auto", [WEATHER], parser=get_tool_parser(name, [WEATHER]))
+    content, calls = plan.extract(text)
+    return plan, content, [(c.function.name, c.function.arguments) for c in calls]
+
+
+def _streams_as_whole(name, text):
+    plan, content, calls = _whole(name, text)
+    for step in (1, 2, 5):
+        assert _stream(plan, text, step) == (content or "", calls), (text, step)
+    return content, calls
+
+
+def test_json_call_objects_must_be_json_as_a_whole():
+    # an invalid member other than name/arguments (vLLM's json.loads refuses the object): not a finished call
+    p = get_tool_parser("llama3_json")
+    bad = '{"name": "f", "x": {"a"; 1}, "parameters": {}}'
+    assert p.extract(bad) == (bad, [])
+    for text in ('{"name": "f", "parameters": {"x": NaN}}', '<tool_call>{"name": "f", "arguments": {"x": Infinity}}'):
+        parser = get_tool_parser("hermes" if text.startswith("<") else "llama3_json")
+        assert parser.extract(text) == (text, []), text  # NaN and Infinity are not JSON
+
+
+def test_a_repeated_key_is_malformed_and_the_stream_keeps_what_it_sent():
+    # json.loads keeps the last "name"; the stream had sent the first, so the object counts as malformed after
+    # its name: the first name and arguments, whole and streamed alike
+    text = '<tool_call>{"name": "a", "arguments": {"x": 1}, "name": "b", "arguments": "{}"}</tool_call>'
+    assert get_tool_parser("hermes").extract(text) == (text, [])
+    assert _streams_as_whole("hermes", text) == (None, [("a", '{"x": 1}')])
+    text = '[TOOL_CALLS] [{"name": "a", "arguments": {}, "name": "b"}]'
+    assert _streams_as_whole("mistral", text) == (None, [("a", "{}")])
+
+
+def test_a_finished_call_before_a_malformed_rest_keeps_its_whole_arguments():
+    # missing arguments are {} and arguments sent as JSON text are decoded, also when what follows is malformed
+    # (they used to come back as "")
+    assert _streams_as_whole("mistral", '[TOOL_CALLS] [{"name": "f"}] trailing') == (None, [("f", "{}")])
+    assert _streams_as_whole("hermes", '<tool_call>{"name": "f"} junk</tool_call>') == (None, [("f", "{}")])
+    assert _streams_as_whole("hermes", '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"} junk') == (
+        None, [("f", '{"a": 1}')])
+    # arguments that are JSON text in a string but not an object: the text as written, as vLLM returns it
+    assert _streams_as_whole("hermes", '<tool_call>{"name": "f", "arguments": "{bad"}</tool_call>') == (
+        None, [("f", "{bad")])
+
+
+def test_llama3_json_calls_separated_by_commas():
+    text = '{"name": "f", "parameters": {"a": 1}}, {"name": "g", "parameters": {}}'
+    assert _calls(get_tool_parser("llama3_json"), text) == (None, [("f", {"a": 1}), ("g", {})])
+    assert _streams_as_whole("llama3_json", text) == (None, [("f", '{"a": 1}'), ("g", "{}")])
+
+
+def test_pythonic_reads_json_literals_and_refuses_infinity():
+    p = get_tool_parser("pythonic")
+    assert _calls(p, "[f(a=true, b=null, c=[false, {'k': -1}])]") == (
+        None, [("f", {"a": True, "b": None, "c": [False, {"k": -1}]})])
+    assert p.extract("[f(a=1e999)]") == ("[f(a=1e999)]", [])  # json.dumps would write Infinity, not JSON
+    # <|python_end|> inside a string is text; after the list it ends the message
+    assert _calls(p, '[f(a="<|python_end|>")]') == (None, [("f", {"a": "<|python_end|>"})])
+    assert _calls(p, "<|python_start|>[f()]<|python_end|>\n") == (None, [("f", {})])
+    assert _streams_as_whole("pythonic", '[f(a=true), g(b="<|python_end|>")]<|python_end|>') == (
+        None, [("f", '{"a": true}'), ("g", '{"b": "<|python_end|>"}')])
+
+
+def test_qwen3_coder_cut_short_and_lenient_parameters():
+    tools = [WEATHER]
+    p = get_tool_parser("qwen3_coder", tools)
+    call = "<tool_call>\n<function=get_weather>\n"
+    # cut short: the parameters complete so far, closed into an object (it was left open: "{" or '{"city": "x"')
+    assert _streams_as_whole("qwen3_coder", call + "<parameter=city>\nx\n</parameter>\n<parameter=days>\n1") == (
+        None, [("get_weather", '{"city": "x"}')])
+    assert _streams_as_whole("qwen3_coder", "Hi " + call) == ("Hi ", [("get_weather", "{}")])
+    # a parameter without its end tag ends where the next begins; text between parameters is skipped; one left
+    # open at </function> is dropped (as vLLM reads them)
+    text = (call + "<parameter=city>\nx\n<parameter=days>\n2\n</parameter>\nstray\n<parameter=metric>\ntrue\n"
+            "</function>\n</tool_call>")
+    assert _calls(p, text) == (None, [("get_weather", {"city": "x", "days": 2})])
+    assert _streams_as_whole("qwen3_coder", text) == (None, [("get_weather", '{"city": "x", "days": 2}')])
+    # NaN or infinity is not JSON: the value stays text
+    text = call + "<parameter=days>\nNaN\n</parameter>\n<parameter=extra>\n1e999\n</parameter>\n</function>"
+    assert _calls(p, text) == (None, [("get_weather", {"days": "NaN", "extra": "1e999"})])
+    # a function name with "<" in it, or blank, is no function head
+    for bad in ("<function=f</tool_call>", "<function= >\n</function>"):
+        assert p.extract(bad) == (bad, []), bad

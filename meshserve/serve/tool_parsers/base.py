@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from meshserve.serve.tool_parsers.json_spans import ObjectSpans, scan_object
+from meshserve.serve.tool_parsers.json_spans import ObjectSpans, loads, scan_object
 
 
 @dataclass
@@ -43,22 +43,45 @@ def _arguments_span(spans: ObjectSpans, keys: tuple[str, ...]) -> tuple[int, int
 
 def partial_json_call(text: str, spans: ObjectSpans, keys: tuple[str, ...] = ARGUMENT_KEYS) -> PartialToolCall | None:
     """The call an unfinished {"name": ..., "arguments": {...}} object shows so far: none before its name
-    is complete; an object's arguments as far as written; other arguments (JSON text in a string) only
-    at the end, decoded."""
+    is complete; an object's arguments as far as written; other arguments once complete (JSON text in a
+    string decoded, anything else as written), "" until then. A finished well-formed call shows its whole
+    arguments (missing ones are {}), so a call cut short after it keeps them."""
     name = spans.value(text, "name")
     if not isinstance(name, str):
         return None
     span = _arguments_span(spans, keys)
-    if span is None or text[span[0]] not in "{[":
+    if span is not None and text[span[0]] in "{[":  # as written (a finished call's arguments are that text too)
+        start, end = span
+        return PartialToolCall(name, text[start:end] if end is not None else text[start:])
+    done = _whole_call(text, spans, keys)
+    if done is not None:
+        return PartialToolCall(done.name, done.arguments)
+    if span is None:
         return PartialToolCall(name, "")
     start, end = span
-    return PartialToolCall(name, text[start:end] if end is not None else text[start:])
+    if end is None:
+        return PartialToolCall(name, "")
+    try:
+        value = loads(text[start:end])
+    except json.JSONDecodeError:
+        value = None
+    return PartialToolCall(name, value if isinstance(value, str) else text[start:end])
 
 
 def finished_json_call(text: str, spans: ObjectSpans, keys: tuple[str, ...] = ARGUMENT_KEYS) -> ParsedToolCall | None:
-    """The call of a complete {"name": ..., "arguments": {...}} object; anything else -> None. Arguments given
-    as JSON text in a string (some models do) are decoded; missing arguments are {}."""
-    if spans.end is None or spans.broken:
+    """The call of a complete {"name": ..., "arguments": {...}} object; anything else (the object not valid
+    JSON as a whole included) -> None. Arguments given as JSON text in a string (some models do) are decoded;
+    missing arguments are {}."""
+    return None if spans.broken else _whole_call(text, spans, keys)
+
+
+def _whole_call(text: str, spans: ObjectSpans, keys: tuple[str, ...]) -> ParsedToolCall | None:
+    """finished_json_call, whatever follows the object (a parser may mark it broken for that)."""
+    if spans.end is None:
+        return None
+    try:
+        loads(text[spans.start:spans.end])
+    except json.JSONDecodeError:
         return None
     name = spans.value(text, "name")
     if not isinstance(name, str):
@@ -69,9 +92,9 @@ def finished_json_call(text: str, spans: ObjectSpans, keys: tuple[str, ...] = AR
     start, end = span
     raw = text[start:end]
     try:
-        value = json.loads(raw)
+        value = loads(raw)
         if isinstance(value, str):
-            raw, value = value, json.loads(value)
+            raw, value = value, loads(value)
     except json.JSONDecodeError:
         return None
     return ParsedToolCall(name, raw) if isinstance(value, dict) else None
@@ -95,10 +118,10 @@ def scan_json_calls(text: str, i: int, separators: str, keys: tuple[str, ...] = 
         if text[i] != "{":
             return None, partial
         spans = scan_object(text, i)
-        call = partial_json_call(text, spans, keys)
+        done = finished_json_call(text, spans, keys)
+        call = PartialToolCall(done.name, done.arguments) if done is not None else partial_json_call(text, spans, keys)
         if call is not None:
             partial.append(call)
-        done = finished_json_call(text, spans, keys)
         if done is None:
             return None, partial
         assert finished is not None

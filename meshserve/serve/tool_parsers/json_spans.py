@@ -16,6 +16,15 @@ _WS = " \t\r\n"
 _CLOSERS = {"{": "}", "[": "]"}
 
 
+def _no_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def loads(text: str):
+    """json.loads, strict: NaN and Infinity (which Python's json reads and writes) are not JSON."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def skip_ws(text: str, i: int) -> int:
     while i < len(text) and text[i] in _WS:
         i += 1
@@ -73,8 +82,9 @@ class ObjectSpans:
     """An object's members so far: key -> (value start, value end or None while it is open)."""
 
     members: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    start: int = 0  # index of the opening brace
     end: int | None = None  # index after the closing brace, None while open
-    broken: bool = False  # the text cannot continue into a JSON object
+    broken: bool = False  # the text cannot continue into a JSON object (or repeats a key: see scan_object)
 
     def value(self, text: str, key: str):
         """The member's parsed value once it is complete (else None)."""
@@ -82,14 +92,16 @@ class ObjectSpans:
         if end is None:
             return None
         try:
-            return json.loads(text[start:end])
+            return loads(text[start:end])
         except json.JSONDecodeError:
             return None
 
 
 def scan_object(text: str, i: int) -> ObjectSpans:
-    """The members of the object starting at text[i] == '{'."""
-    spans = ObjectSpans()
+    """The members of the object starting at text[i] == '{'. A key written twice breaks the object there:
+    json.loads would keep the later value, but the earlier one (a call's name, its arguments) may have been
+    streamed already, so the members stay the first ones and the object counts as malformed."""
+    spans = ObjectSpans(start=i)
     i = skip_ws(text, i + 1)
     if i < len(text) and text[i] == "}":
         spans.end = i + 1
@@ -104,6 +116,9 @@ def scan_object(text: str, i: int) -> ObjectSpans:
         try:
             key = json.loads(text[i:key_end])
         except json.JSONDecodeError:
+            spans.broken = True
+            return spans
+        if key in spans.members:
             spans.broken = True
             return spans
         i = skip_ws(text, key_end)

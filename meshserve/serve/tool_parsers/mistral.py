@@ -16,7 +16,7 @@ from meshserve.serve.tool_parsers.base import (
     held_back,
     scan_json_calls,
 )
-from meshserve.serve.tool_parsers.json_spans import skip_ws, value_end
+from meshserve.serve.tool_parsers.json_spans import loads, skip_ws, value_end
 
 MARKER = "[TOOL_CALLS]"
 # a v11+ call head: the function name, an optional [CALL_ID]..., an optional [ARGS]
@@ -39,7 +39,7 @@ def _named_calls(text: str, i: int) -> tuple[list[ParsedToolCall] | None, list[P
         if end is None:
             return None, partial
         try:
-            if not isinstance(json.loads(text[start:end]), dict):
+            if not isinstance(loads(text[start:end]), dict):
                 return None, partial
         except json.JSONDecodeError:
             return None, partial

@@ -1,7 +1,10 @@
 """Pythonic format (Llama 3.2 and 4, some others): the message is a Python list of calls with keyword
 arguments, `[get_weather(city="Paris"), get_time(tz="UTC")]`, optionally in <|python_start|>...<|python_end|>.
-Arguments are Python literals, sent as JSON; so a streamed call gets its name when `name(` is written and
-its arguments when its closing parenthesis is."""
+Arguments are Python literals (and JSON's true, false and null, which some models write, as vLLM reads them),
+sent as JSON; so a streamed call gets its name when `name(` is written and its arguments when its closing
+parenthesis is. Leading and trailing whitespace around the list, tuples (as arrays), negative numbers,
+dotted names and the <|python_start|> tags under either parser name are read too, where vLLM's pattern
+turns such an output into content."""
 
 from __future__ import annotations
 
@@ -14,17 +17,21 @@ from meshserve.serve.tool_parsers.base import ParsedToolCall, PartialToolCall, P
 PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 _NAME = re.compile(r"\s*([A-Za-z_][\w.]*)\s*\(")
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+class _JsonNames(ast.NodeTransformer):
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(_JSON_NAMES[node.id]) if node.id in _JSON_NAMES else node
 
 
 def _body(text: str) -> tuple[int, str]:
-    """(offset, the text between the optional python tags, stripped on the left)."""
+    """(offset, the text after the optional <|python_start|>, stripped on the left)."""
     i = len(text) - len(text.lstrip())
     if text.startswith(PYTHON_START, i):
         i += len(PYTHON_START)
         i += len(text[i:]) - len(text[i:].lstrip())
-    body = text[i:]
-    end = body.find(PYTHON_END)
-    return i, (body[:end] if end >= 0 else body)
+    return i, text[i:]
 
 
 def _close_paren(text: str, i: int) -> int | None:
@@ -58,7 +65,9 @@ def _arguments(call_text: str) -> str | None:
         node = ast.parse(call_text.strip(), mode="eval").body
         if not isinstance(node, ast.Call) or node.args or any(k.arg is None for k in node.keywords):
             return None
-        return json.dumps({k.arg: ast.literal_eval(k.value) for k in node.keywords}, ensure_ascii=False)
+        names = _JsonNames()
+        return json.dumps({k.arg: ast.literal_eval(names.visit(k.value)) for k in node.keywords}, ensure_ascii=False,
+                          allow_nan=False)  # inf (1e999) is not JSON: not a call
     except (SyntaxError, ValueError, TypeError, RecursionError):
         return None
 
@@ -75,8 +84,9 @@ def _calls(body: str) -> tuple[list[ParsedToolCall] | None, list[PartialToolCall
             i += 1
         if i >= len(body):
             return None, partial
-        if body[i] == "]":
-            return (finished if partial and not body[i + 1:].strip() else None), partial
+        if body[i] == "]":  # the list may be followed by <|python_end|> alone (a string in it may hold one)
+            rest = body[i + 1:].strip()
+            return (finished if partial and rest in ("", PYTHON_END) else None), partial
         head = _NAME.match(body, i)
         if head is None:
             return None, partial
@@ -93,7 +103,7 @@ def _calls(body: str) -> tuple[list[ParsedToolCall] | None, list[PartialToolCall
 
 class PythonicToolParser(ToolParser):
     def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
-        calls = _calls(_body(text)[1].rstrip())[0]
+        calls = _calls(_body(text)[1])[0]
         return (None, calls) if calls else (text, [])
 
     def extract_partial(self, text: str) -> PartialToolCalls:

@@ -1,8 +1,12 @@
 """Qwen3-Coder XML format: content, then per call
 `<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n...</function>\n</tool_call>`.
 Values are raw text, typed by the tool's parameter schema (a string stays text; numbers, booleans,
-objects and arrays are read as JSON, then as Python literals). The JSON arguments grow one parameter at a
-time: a stream sends `{`, then each parameter once its closing tag is written, then `}`."""
+objects and arrays are read as JSON, then as Python literals). A parameter the schema does not declare
+(or any parameter of a function not among the tools) is typed the same way, as JSON then a Python literal,
+else text, where vLLM keeps it text. The JSON arguments grow one parameter at a time: a stream sends `{`,
+then each parameter once its closing tag is written, then `}`. A call cut short (or malformed) after its
+name keeps the parameters completed so far, closed into an object, as vLLM's does; the content before the
+calls is kept as written (vLLM strips it when calls follow, which its own stream cannot do)."""
 
 from __future__ import annotations
 
@@ -19,10 +23,10 @@ from meshserve.serve.tool_parsers.base import (
     held_back,
 )
 
-CALL_START, FUNCTION = "<tool_call>", "<function="
-_FUNCTION = re.compile(r"<function=([^>\n]+)>")
-_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
-_FUNCTION_END = re.compile(r"\s*</function>")
+CALL_START, FUNCTION, FUNCTION_END, PARAMETER = "<tool_call>", "<function=", "</function>", "<parameter="
+_FUNCTION = re.compile(r"<function=([^<>\n]*[^<>\s][^<>\n]*)>")  # a name with a character other than space
+# a parameter ends at its closing tag, or where the next one begins when the model left it out (as in vLLM)
+_PARAMETER = re.compile(r"<parameter=([^<>\n]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=))", re.DOTALL)
 
 
 def _typed(value: str, schema: dict[str, Any] | None) -> Any:
@@ -31,10 +35,20 @@ def _typed(value: str, schema: dict[str, Any] | None) -> Any:
         return value
     for read in (json.loads, ast.literal_eval):
         try:
-            return read(value)
+            typed = read(value)
+            json.dumps(typed, allow_nan=False)  # JSON-able, and no NaN or infinity (1e999), which JSON lacks
+            return typed
         except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
             continue
     return value  # not a literal: the model's text, as a string
+
+
+def _closed(arguments: str) -> bool:
+    try:
+        json.loads(arguments)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 class Qwen3CoderToolParser(ToolParser):
@@ -60,17 +74,25 @@ class Qwen3CoderToolParser(ToolParser):
                 return None, partial
             name, members, i = head.group(1).strip(), [], head.end()
             partial.append(PartialToolCall(name, "{"))
-            while (param := _PARAMETER.match(text, i)) is not None:
+            while True:  # the parameters up to </function>; other text between them is skipped, as by vLLM
+                p, e = text.find(PARAMETER, i), text.find(FUNCTION_END, i)
+                if p < 0 or 0 <= e < p:
+                    if e < 0:
+                        return None, partial  # cut short
+                    break
+                param = _PARAMETER.match(text, p, e if e >= 0 else len(text))
+                if param is None:
+                    if e < 0:
+                        return None, partial  # still being written
+                    i = p + len(PARAMETER)  # left open before </function>: dropped, as by vLLM
+                    continue
                 members.append(self._member(name, param.group(1).strip(), param.group(2)))
                 partial[-1].arguments = "{" + ", ".join(members)
                 i = param.end()
-            end = _FUNCTION_END.match(text, i)
-            if end is None:
-                return None, partial
             partial[-1].arguments += "}"
             assert finished is not None
             finished.append(ParsedToolCall(name, partial[-1].arguments))
-            i = end.end()
+            i = e + len(FUNCTION_END)
 
     @staticmethod
     def _start(text: str) -> int:
@@ -79,7 +101,12 @@ class Qwen3CoderToolParser(ToolParser):
 
     def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
         start = self._start(text)
-        calls = self._calls(text, start)[0] if start >= 0 else None
+        if start < 0:
+            return text, []
+        calls, begun = self._calls(text, start)
+        if calls is None and begun:  # cut short or malformed after a name: what a stream has sent, closed
+            calls = [ParsedToolCall(c.name, c.arguments if _closed(c.arguments) else c.arguments + "}")
+                     for c in begun]
         if not calls:
             return text, []
         return (text[:start] if text[:start].strip() else None), calls

@@ -23,7 +23,10 @@ class SequenceStats:
     """One sequence's (one choice of one prompt) way through the engine, as vLLM's RequestStateStats: all four
     times by its core's clock (time.monotonic() there), so its phases are true however late the front end read
     them, and whichever host the core ran on. max_tokens as resolved for it, n: its prompt's choices,
-    num_cached_tokens: its prompt tokens the prefix cache served at its first admission (its core's figure)."""
+    num_cached_tokens: its prompt tokens the prefix cache served at its first admission (its core's figure), of
+    them num_external_cached_tokens from outside the core's GPU cache (a KV offload tier, a disaggregated prefill);
+    engine_index: the data-parallel core that ran it. Filled in as its outputs come (the times with its first and
+    last tokens) and carried by each of its outputs."""
 
     max_tokens: int
     n: int = 1
@@ -32,6 +35,8 @@ class SequenceStats:
     first_token_time: float | None = None  # the step that gave its first token
     last_token_time: float | None = None  # the step that gave its last token
     num_cached_tokens: int = 0  # its prompt tokens served by the prefix cache (sent with its first token)
+    num_external_cached_tokens: int = 0
+    engine_index: int = 0
 
 
 @dataclass
@@ -49,7 +54,7 @@ class CompletionOutput:
     # delta's tokens, one per step (several tokens of one step, e.g. accepted proposals, share one), so that
     # inter-token latency is timed between steps as vLLM times it, whatever folding or lag came after
     step_times: list[float] | None = None
-    stats: SequenceStats | None = None  # on the output that finished it: its phases, for the per-request series
+    stats: SequenceStats | None = None  # its way through the engine so far, for the per-request series
 
     def finished(self) -> bool:
         return self.finish_reason is not None

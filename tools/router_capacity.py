@@ -96,7 +96,7 @@ async def _replica_conn(streams: _Streams, refuse_every: int, counter: list, rea
                 writer.write(_fixed("200 OK", b'{"status":"ready"}'))
                 continue
             if path == b"/metrics":
-                writer.write(_fixed("200 OK", b"meshserve:num_requests_waiting 0.0\n"))
+                writer.write(_fixed("200 OK", b'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0\n'))
                 continue
             counter[0] += 1
             if b"x-refuse:" in lower or (refuse_every and counter[0] % refuse_every == 0):

@@ -37,11 +37,16 @@ def rss_mib(pid: int) -> float:
 
 
 def metric_values(text: str) -> dict[str, float]:
-    out = {}
+    """meshserve:'s samples by series; vLLM's (vllm:) by name, summed over their labels (engines)."""
+    out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("meshserve:"):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
+        elif line.startswith("vllm:"):
+            name, value = line.rsplit(" ", 1)
+            name = name.split("{")[0]
+            out[name] = out.get(name, 0.0) + float(value)
     return out
 
 
@@ -76,7 +81,7 @@ async def soak(ns) -> int:
                 sent = load.sent
                 m = metric_values((await client.get(base + "/metrics")).text)
                 scrapes += 1
-                engine = m["meshserve:num_requests_running"] + m["meshserve:num_requests_waiting"]
+                engine = m["vllm:num_requests_running"] + m["vllm:num_requests_waiting"]
                 answered = sum(v for k, v in m.items() if k.startswith("meshserve:requests_total"))
                 if engine > max(in_flight, load.sent - len(load.results)):
                     violations.append(f"{time.monotonic() - t0:.0f}s: engine holds {engine} > {in_flight} in flight")
@@ -96,7 +101,7 @@ async def soak(ns) -> int:
         for r in [r for r in results if r.outcome == "lost"][:5]:
             print(f"  lost #{r.index} (stream={r.stream}, status={r.status}, {r.seconds:.1f} s): {r.detail}")
         print(f"server counted: {server_ok:.0f} finished, {server_refused:.0f} rejected; "
-              f"engine running+waiting at the end {m['meshserve:num_requests_running'] + m['meshserve:num_requests_waiting']:.0f}")
+              f"engine running+waiting at the end {m['vllm:num_requests_running'] + m['vllm:num_requests_waiting']:.0f}")
         print(f"{scrapes} scrapes, {len(violations)} inconsistent" + ("".join(f"\n  {v}" for v in violations[:5])))
         print("RSS MiB (t s, API process, engine core):", rss[:: max(1, len(rss) // 12)] + rss[-1:])
         first, last = rss[min(2, len(rss) - 1)], rss[-1]

@@ -22,7 +22,7 @@ serve_w3() {  # label source-dir
   echo "== $1: ready after $(( $(date +%s) - t0 )) s"
   PYTHONPATH=$NEW:/tmp/site timeout 400 python3 -m meshserve.cli bench serve --qps 32,48,64 --no-progress \
     --output-json $OUT/w3_$1.json 2>&1 | tee $OUT/w3_$1.txt
-  curl -s localhost:8000/metrics | grep -E "^meshserve:(num_requests_running|engine_stats_age|kv_cache)"
+  curl -s localhost:8000/metrics | grep -E "^(meshserve|vllm):(num_requests_running|engine_stats_age|kv_cache)"
   kill -TERM $pid; wait $pid
 }
 [ "${ONLY:-}" != before ] && serve_w3 after $NEW

@@ -6,8 +6,8 @@ it up, drives the multi-turn workload of multiturn_workload.py through streaming
 prompts, `return_token_ids` so each next turn re-sends the model's own answer), and stops it. Per configuration:
 goodput (requests meeting the TTFT and TPOT targets per second of the run, as W3), TTFT p50/p99 of all turns
 and of the revisits (turns >= 1), the prefix hit rate (prompt tokens served from cache, GPU or restored from
-an offload tier, over prompt tokens admitted: the server's meshserve:prefix_cache_* counters across the run)
-and the offload tiers' hits; then each configuration's goodput over no offload's. JSON lines on stdout, all
+an offload tier, over prompt tokens admitted: the server's vllm:prefix_cache_* and
+vllm:external_prefix_cache_hits counters across the run) and the offload tiers' hits; then each configuration's goodput over no offload's. JSON lines on stdout, all
 rows in --output.
 """
 
@@ -36,7 +36,9 @@ from meshserve.bench.serve_bench import (
     summarize,
 )
 
-HITS, QUERIES = "meshserve:prefix_cache_hits_total", "meshserve:prefix_cache_queries_total"
+# vLLM's prefix-cache counters (tokens, summed over engines): GPU hits, and those restored from an offload tier
+HITS = ("vllm:prefix_cache_hits_total", "vllm:external_prefix_cache_hits_total")
+QUERIES = "vllm:prefix_cache_queries_total"
 TIER_HITS = 'meshserve:kv_offload_hits_total{{tier="{}"}}'
 
 
@@ -95,8 +97,13 @@ async def run_conversations(base_url: str, model: str, conversations: list[Conve
 
 
 def cache_counters(samples: dict[str, float]) -> dict[str, float]:
-    """The prefix-cache (tokens) and offload-tier (blocks) hit counters of a /metrics scrape."""
-    return {"hits": samples.get(HITS, 0.0), "queries": samples.get(QUERIES, 0.0),
+    """The prefix-cache (tokens: the GPU cache's hits and the offload tiers') and offload-tier (blocks) hit
+    counters of a /metrics scrape."""
+
+    def total(*names: str) -> float:  # every engine's series
+        return sum(v for k, v in samples.items() if k.split("{")[0] in names)
+
+    return {"hits": total(*HITS), "queries": total(QUERIES),
             "cpu_hits": samples.get(TIER_HITS.format("cpu"), 0.0),
             "disk_hits": samples.get(TIER_HITS.format("disk"), 0.0)}
 

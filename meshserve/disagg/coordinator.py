@@ -288,6 +288,11 @@ class KVTransferCoordinator:
 
     # -- each step -------------------------------------------------------------------------------
     @property
+    def num_receiving(self) -> int:
+        """Requests waiting for their prompt's KV (aborted ones whose pull still runs not counted)."""
+        return sum(1 for rid in self._receiving if rid not in self._cancelled)
+
+    @property
     def busy(self) -> bool:
         """Something for the core to do soon: pulls in flight, events waiting, or held blocks past due."""
         return (
@@ -404,6 +409,7 @@ class KVTransferCoordinator:
         """The prompt's KV is in: the sequence decodes from the producer's first token."""
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.num_cached_tokens = seq.num_prompt_tokens
+        self.block_manager.record_transfer(seq)  # the whole prompt: external prefix-cache tokens, as vLLM's
         seq.first_scheduled_time = time.monotonic()
         seq.output_token_ids.append(first_token)
         out = EngineCoreOutput(
@@ -411,6 +417,7 @@ class KVTransferCoordinator:
             new_token_ids=[first_token],
             num_cached_tokens=seq.num_prompt_tokens,
             first_times=(seq.queued_time, seq.first_scheduled_time),
+            num_external_cached_tokens=seq.num_prompt_tokens,
         )
         self.scheduler.seqs[seq.seq_id] = seq
         self.scheduler._check_token_stop(seq, first_token)  # EOS or max_tokens 1: done already

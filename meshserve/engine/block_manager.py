@@ -72,6 +72,11 @@ class PrefixCacheStats:
 
     queries: int = 0
     hits: int = 0
+    restored: int = 0  # of hits: tokens restored from a KV offload tier (vLLM counts them as external)
+    # vLLM's external prefix cache: tokens looked up past the GPU cache (offload tiers; a disaggregated prefill's
+    # transfer) and those found there
+    external_queries: int = 0
+    external_hits: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -196,6 +201,7 @@ class BlockManager:
         # how many of a sequence's leading blocks are registered in the prefix cache
         self.seq_num_registered: dict[str, int] = {}
         self.stats = PrefixCacheStats()
+        self._last_lookup: tuple[Sequence, int, int] | None = None  # find_cached_prefix's, for record_admission
         self.offload: KVOffloadManager | None = None  # lower KV tiers (engine/kv_offload), when configured
         # offloading: free blocks next in eviction order whose stores start each step, so the next steps' takes
         # find them already copied down (the scheduler sizes it to a step's worth of blocks)
@@ -287,6 +293,7 @@ class BlockManager:
         At least one token is always left to compute (its logits are needed), and sequences asking for
         prompt logprobs skip the cache (they need logits for every prompt position).
         """
+        self._last_lookup = None
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         self._update_hashes(seq)
@@ -297,11 +304,16 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
-        if self.offload is not None and len(hits) < max_blocks:
-            restored = self._restore(seq.block_hashes[len(hits) : max_blocks], hits)
-            if restored is None:
-                return None
-            hits += restored
+        if self.offload is not None:
+            on_gpu = len(hits)
+            if on_gpu < max_blocks:
+                restored = self._restore(seq.block_hashes[on_gpu:max_blocks], hits)
+                if restored is None:
+                    return None
+                hits += restored
+            # for the stats, should seq be admitted with these: tokens asked of the tiers, tokens they gave
+            self._last_lookup = (seq, seq.num_tokens - on_gpu * self.block_size,
+                                 (len(hits) - on_gpu) * self.block_size)
         return hits
 
     def _register_full(self, seq: Sequence, blocks: list[Block], num_tokens: int) -> None:
@@ -440,10 +452,23 @@ class BlockManager:
             self.offload.trim_swap(seq.seq_id, self.blocks_needed(num_tokens))
 
     def record_admission(self, seq: Sequence, num_hit_tokens: int) -> None:
-        """Count an admission and its prefix-cache hit tokens in the stats."""
+        """Count an admission and its prefix-cache hit tokens in the stats (those restored from an offload tier,
+        found by the lookup that admitted it, also as external ones, and in seq.num_external_cached_tokens)."""
+        lookup = self._last_lookup
+        _, asked, restored = lookup if lookup is not None and lookup[0] is seq else (None, 0, 0)
+        seq.num_external_cached_tokens = restored
         if self.enable_prefix_caching and seq.params.prompt_logprobs is None:
             self.stats.queries += seq.num_tokens
             self.stats.hits += num_hit_tokens
+            self.stats.restored += restored
+            self.stats.external_queries += asked
+            self.stats.external_hits += restored
+
+    def record_transfer(self, seq: Sequence) -> None:
+        """A disaggregated decode leg's prompt arrived whole from its prefill: external prefix-cache tokens."""
+        seq.num_external_cached_tokens = seq.num_prompt_tokens
+        self.stats.external_queries += seq.num_prompt_tokens
+        self.stats.external_hits += seq.num_prompt_tokens
 
     def swap_out(self, seq: Sequence, recompute_s: Callable[[], float]) -> bool:
         """Preemption by swap: copy seq's computed blocks to the CPU tier and release them, keeping its

@@ -27,6 +27,7 @@ from meshserve.engine.grammar_probe import grammar_probe
 from meshserve.engine.grammar_waitlist import GrammarWaitlist
 from meshserve.engine.kv_offload.setup import build_kv_offload
 from meshserve.engine.messages import (
+    ITERATION_TOKENS_BUCKETS,
     CoreInfo,
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -77,11 +78,30 @@ def step_shape(sched_out: SchedulerOutput) -> StepShape:
     return sched_out.shape if sched_out.shape is not None else StepShape.of(sched_out.scheduled)
 
 
-def spec_decode_stats(stats) -> dict:
-    """SchedulerStats fields of the speculative-decoding counters."""
+def spec_decode_stats(stats, num_speculative_tokens: int = 0) -> dict:
+    """SchedulerStats fields of the speculative-decoding counters (accepted per position: every one of the
+    num_speculative_tokens positions from the start, as vLLM's)."""
+    per_pos = list(stats.num_accepted_tokens_per_pos)
+    per_pos += [0] * (num_speculative_tokens - len(per_pos))
     return {"spec_num_drafts": stats.num_drafts, "spec_num_draft_tokens": stats.num_draft_tokens,
-            "spec_num_accepted_tokens": stats.num_accepted_tokens,
-            "spec_num_accepted_tokens_per_pos": list(stats.num_accepted_tokens_per_pos)}
+            "spec_num_accepted_tokens": stats.num_accepted_tokens, "spec_num_accepted_tokens_per_pos": per_pos}
+
+
+def cache_config_info(config: EngineConfig) -> dict[str, str]:
+    """vllm:cache_config_info's labels: the CacheConfig fields vLLM names that meshserve has, str() as vLLM's."""
+    cc = config.cache_config
+    return {"block_size": str(cc.block_size), "gpu_memory_utilization": str(cc.gpu_memory_utilization),
+            "cache_dtype": str(cc.cache_dtype), "num_gpu_blocks_override": str(cc.num_gpu_blocks_override),
+            "enable_prefix_caching": str(cc.enable_prefix_caching), "num_gpu_blocks": str(cc.num_blocks),
+            "kv_offloading_size": str(cc.kv_offloading_size)}
+
+
+def _bucket_index(value: int, bounds: tuple[int, ...]) -> int:
+    """The histogram bucket value falls in: the first bound >= value (len(bounds): +Inf)."""
+    for i, bound in enumerate(bounds):
+        if value <= bound:
+            return i
+    return len(bounds)
 
 
 def _logprobs_message(info) -> TokenLogprobs:
@@ -134,6 +154,11 @@ class EngineCore:
         self.num_generated_tokens = 0
         self.expert_load = ExpertLoadReader(getattr(self.executor, "runner", None))
         self.num_prompt_tokens = 0
+        # vllm:iteration_tokens_total: each batch of outputs' tokens (new ones, and the prompt tokens computed for
+        # the sequences whose first token it carries: _step_prompt_tokens, gathered by _process)
+        self._step_prompt_tokens = 0
+        self.iteration_tokens = [0] * (len(ITERATION_TOKENS_BUCKETS) + 2)  # per bucket (+Inf), then the sum
+        self._last_iteration: int | None = None  # the last batch's observation (None: it had no outputs)
         self.pp_busy_s = self.pp_wall_s = 0.0  # last pipeline stage's compute vs wall time
         # async scheduling needs the runner in this process (its sampled ids feed the next step directly).
         # With speculation, a step that will propose waits for the step in flight (proposals and the
@@ -168,6 +193,7 @@ class EngineCore:
             slo_tpot_s=config.scheduler_config.slo_tpot_s,
             scheduling_policy=config.scheduler_config.scheduling_policy,
             num_lookahead_tokens=self.scheduler.num_lookahead_tokens,
+            cache_config=cache_config_info(config),
         )
         capacity = self.info.capacity_tokens
         if capacity < self.info.max_model_len:  # vLLM refuses to start here; these pools serve shorter requests
@@ -322,6 +348,8 @@ class EngineCore:
         if firsts or errors:
             step_outputs.outputs = list(step_outputs.outputs) + firsts
             step_outputs.errors = list(step_outputs.errors) + errors
+        if firsts:  # one batch of outputs with the step's: its tokens-per-iteration observation grows by them
+            self._observe_iteration(firsts, joining=self._last_iteration)
         if self.disagg.num_events != seen:  # blocks came or went: the counters published must say so
             step_outputs.stats = self.scheduler_stats()
         return step_outputs
@@ -485,7 +513,25 @@ class EngineCore:
                 "masked_rows": masked_rows, "running": self.scheduler.num_running,
                 "waiting": self.scheduler.num_waiting}) + "\n")
 
+    def _observe_iteration(self, outputs: list[EngineCoreOutput], joining: int | None = None) -> None:
+        """vllm:iteration_tokens_total, once per batch of outputs (as vLLM's front end observes each batch):
+        its new tokens and the prompt tokens computed for its first tokens. joining: the observation of the batch
+        these outputs join (replaced by their sum)."""
+        if not outputs:
+            self._last_iteration = None
+            return
+        n = self._step_prompt_tokens + sum(len(o.new_token_ids) for o in outputs)
+        self._step_prompt_tokens = 0
+        if joining is not None:
+            self.iteration_tokens[_bucket_index(joining, ITERATION_TOKENS_BUCKETS)] -= 1
+            self.iteration_tokens[-1] -= joining
+            n += joining
+        self.iteration_tokens[_bucket_index(n, ITERATION_TOKENS_BUCKETS)] += 1
+        self.iteration_tokens[-1] += n
+        self._last_iteration = n
+
     def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
+        self._observe_iteration(outputs)
         errors, self._errors = self._errors, []
         return EngineCoreOutputs(outputs=outputs, errors=errors, stats=self.scheduler_stats(),
                                  timestamp=time.monotonic())
@@ -515,7 +561,9 @@ class EngineCore:
             num_generated += n
             if len(tokens) == n:
                 out.num_cached_tokens = seq.num_cached_tokens
+                out.num_external_cached_tokens = seq.num_external_cached_tokens
                 out.first_times = (seq.queued_time, seq.first_scheduled_time)
+                self._step_prompt_tokens += seq.num_prompt_tokens - seq.num_cached_tokens
             info = logprobs.get(seq.seq_id) if logprobs else None
             if info is not None:
                 out.new_logprobs = [_logprobs_message(info)]
@@ -549,11 +597,17 @@ class EngineCore:
         return SchedulerStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting + len(self.grammar_waitlist),
+            num_waiting_for_grammar=len(self.grammar_waitlist),
+            num_waiting_for_kv=self.disagg.num_receiving if self.disagg is not None else 0,
             kv_cache_usage=bm.usage,
             num_blocks=bm.num_blocks,
             prefix_cache_queries=bm.stats.queries,
             prefix_cache_hits=bm.stats.hits,
             prefix_cache_hit_rate=bm.stats.hit_rate,
+            prefix_cache_restored_hits=bm.stats.restored,
+            prefix_cache_external_queries=bm.stats.external_queries,
+            prefix_cache_external_hits=bm.stats.external_hits,
+            iteration_tokens=list(self.iteration_tokens),
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.num_prompt_tokens,
             generation_tokens=self.num_generated_tokens,
@@ -564,7 +618,8 @@ class EngineCore:
             step_time_predicted_s=model.last_predicted_s,
             step_time_actual_s=model.last_actual_s,
             step_time_model_error=model.abs_error_ewma,
-            **(spec_decode_stats(self.speculator.stats) if self.speculator is not None else {}),
+            **(spec_decode_stats(self.speculator.stats, self.speculator.config.num_speculative_tokens)
+               if self.speculator is not None else {}),
             **(self.kv_offload.snapshot().as_dict() if self.kv_offload is not None else {}),
             **(self.disagg.snapshot() if self.disagg is not None else {}),
             expert_load=self.expert_load.poll(force_expert_load),

@@ -226,6 +226,7 @@ class DPCoreClient:
 
     def _account(self, i: int, out: EngineCoreOutputs) -> EngineCoreOutputs:
         """Forget what finished or was refused, keep the core's counters, hand on the merged ones."""
+        out.engine_index = i  # its sequences' per-request series are labelled with their core (/metrics)
         with self._lock:
             for o in out.outputs:
                 if o.finish_reason is not None and self._core_of.pop(o.request_id, None) is not None:

@@ -54,6 +54,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # a producer's finished request whose KV is held for a consumer: the decode leg's handle (transfer id, this
     # kv rank, the held block ids), as vLLM's prefill answers carry kv_transfer_params
     kv_transfer_params: dict | None = None
+    # of num_cached_tokens, those that came from outside this core's GPU cache: KV offload tiers, a disaggregated
+    # prefill's transfer (vLLM's num_external_cached_tokens; on the first token's output)
+    num_external_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -74,11 +77,18 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
 
     num_running: int = 0
     num_waiting: int = 0
+    num_waiting_for_grammar: int = 0  # of num_waiting: requests whose grammar still compiles (vLLM's deferred)
+    num_waiting_for_kv: int = 0  # not in num_waiting: requests whose prompt KV a disaggregated prefill sends
     kv_cache_usage: float = 0.0
     num_blocks: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     prefix_cache_hit_rate: float = 0.0
+    prefix_cache_restored_hits: int = 0  # of prefix_cache_hits: tokens restored from a KV offload tier
+    # vLLM's external_prefix_cache_*: prompt tokens looked up past the GPU prefix cache (in the KV offload tiers, or
+    # sent by a disaggregated prefill) at first admissions, and those found there
+    prefix_cache_external_queries: int = 0
+    prefix_cache_external_hits: int = 0
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
@@ -132,6 +142,14 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     # MoE: tokens routed to each expert since start, per MoE layer; only in the steps that read them
     # (engine/expert_load.py), empty otherwise
     expert_load: list[list[int]] = []
+    # vLLM's iteration_tokens_total: per batch of outputs, its new tokens plus the prompt tokens computed (not
+    # cached) of the sequences whose first token it carries; since start, how many fell in each bucket of
+    # ITERATION_TOKENS_BUCKETS (one more for +Inf), then their sum (one list: a field name costs bytes every step)
+    iteration_tokens: list[int] = []
+
+
+# vLLM's buckets of iteration_tokens_total (vllm/v1/metrics/loggers.py)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -141,6 +159,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     errors: list[RequestError] = []
     stats: SchedulerStats | None = None
     timestamp: float = 0.0  # time.monotonic() in the core when it was built
+    engine_index: int = 0  # data parallel: the core it came from (set by DPCoreClient on receipt, never sent)
 
 
 class CoreInfo(msgspec.Struct, omit_defaults=True):
@@ -164,6 +183,8 @@ class CoreInfo(msgspec.Struct, omit_defaults=True):
     num_lookahead_tokens: int = 0
     # start-up timeline segments of the core's process and its worker ranks (engine/startup_timeline.py)
     startup: list[Segment] = []
+    # vllm:cache_config_info's labels: the KV cache's settings under vLLM's CacheConfig names, as str() values
+    cache_config: dict[str, str] = {}
 
     @property
     def capacity_tokens(self) -> int:

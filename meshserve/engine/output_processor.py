@@ -100,7 +100,7 @@ class _Completion:
                                 cumulative_logprob=self.cumulative_logprob if want_lp else None,
                                 logprobs=list(self.logprobs) if want_lp else None,
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                                stats=self.stats if self.finished else None)
+                                stats=self.stats)
 
     def delta(self) -> CompletionOutput:
         want_lp = self.logprobs is not None
@@ -111,7 +111,7 @@ class _Completion:
                                 cumulative_logprob=self.cumulative_logprob if want_lp else None,
                                 logprobs=self.logprobs[k:] if want_lp else None,
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                                step_times=times, stats=self.stats if self.finished else None)
+                                step_times=times, stats=self.stats)
 
 
 @dataclass
@@ -250,7 +250,8 @@ class OutputProcessor:
             if out.kv_transfer_params is not None:
                 state.kv_transfer_params = out.kv_transfer_params
             if out.new_token_ids or out.finish_reason:
-                self._update_completion(state, comp, out, now, result, core_outputs.timestamp or now)
+                self._update_completion(state, comp, out, now, result, core_outputs.timestamp or now,
+                                        core_outputs.engine_index)
                 changed = touched.setdefault(state.request_id, (state, []))[1]
                 changed.append(comp)
             if comp.finished:
@@ -269,7 +270,8 @@ class OutputProcessor:
         return result
 
     def _update_completion(self, state: RequestState, comp: _Completion, out, now: float,
-                           result: ProcessedOutputs, step_time: float) -> None:
+                           result: ProcessedOutputs, step_time: float, engine_index: int = 0) -> None:
+        comp.stats.engine_index = engine_index  # (a sequence runs on one core)
         new_ids = out.new_token_ids
         if new_ids:
             if state.params.output_kind is RequestOutputKind.DELTA:
@@ -286,6 +288,7 @@ class OutputProcessor:
                 stats.first_scheduled_time = scheduled if scheduled is not None else step_time
                 stats.first_token_time = step_time
                 stats.num_cached_tokens = out.num_cached_tokens
+                stats.num_external_cached_tokens = out.num_external_cached_tokens
             stats.last_token_time = step_time
             if comp.index == 0 and not comp.token_ids:
                 state.num_cached_tokens = out.num_cached_tokens

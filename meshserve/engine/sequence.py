@@ -48,6 +48,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the first admission
+    num_external_cached_tokens: int = 0  # of those, the ones from a KV offload tier or a disaggregated prefill
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of the full blocks so far
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -20,16 +20,23 @@ from meshserve.router.replica import PRIMARY, Replica
 
 logger = logging.getLogger(__name__)
 
-_WAITING = "meshserve:num_requests_waiting"
+# vLLM's gauge (one series per engine: summed), which a meshserve or a vLLM replica exports; a replica of an
+# older meshserve exported it unlabelled as meshserve:num_requests_waiting
+_WAITING = ("vllm:num_requests_waiting", "meshserve:num_requests_waiting")
 
 
 def parse_num_waiting(text: str) -> int | None:
+    totals: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith((_WAITING + " ", _WAITING + "{")):
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in _WAITING:
             try:
-                return int(float(line.rsplit(" ", 1)[1]))
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
             except ValueError:
                 return None
+    for name in _WAITING:
+        if name in totals:
+            return int(totals[name])
     return None
 
 

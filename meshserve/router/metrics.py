@@ -39,7 +39,7 @@ PUBLISH_INTERVAL_S = 0.25
 _QUEUE_DEPTH = ("meshserve:router_queue_depth",
                 "Requests in flight on primary replicas through this router (the autoscaling signal).")
 _WAITING = ("meshserve:router_upstream_waiting",
-            "Sum of the primaries' own waiting queues (meshserve:num_requests_waiting, last probe).")
+            "Sum of the primaries' own waiting queues (vllm:num_requests_waiting, last probe).")
 _HEALTHY = ("meshserve:router_replica_healthy",
             "1 if the replica takes traffic (several workers: from every worker).")
 _OUTSTANDING = ("meshserve:router_replica_outstanding", "Requests in flight on the replica.")

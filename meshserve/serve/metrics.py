@@ -1,9 +1,13 @@
 """Prometheus metrics of the server, each app with its own CollectorRegistry.
 
-Request-level series (outcomes, token totals, latency histograms) are observed by the handlers as they
-stream; engine-level gauges (queue, KV cache, prefix cache, preemptions) are the counters the engine core
-published with its last step (a scrape never waits on the core), with their age as a gauge of its own.
-With several API processes (PROMETHEUS_MULTIPROC_DIR set before import) request series are summed across them. Names follow vLLM's `vllm:` series with a `meshserve:` prefix.
+Every series vLLM 0.26 exports that meshserve can produce truthfully has vLLM's name (`vllm:`), type, labels
+(model_name: the first served model name; engine: the data-parallel core, "0" without data parallelism) and
+buckets, so vLLM's dashboards and alerts work unchanged; what is meshserve's own is `meshserve:` (deploy/grafana/
+README.md has the table of both). Request-level series (tokens, finish reasons, latency histograms) are observed
+by the handlers as they stream, labelled with the core that ran each sequence; engine-level series (queue, KV
+cache, prefix cache, preemptions, tokens per iteration) are the counters each engine core published with its last
+step (a scrape never waits on the core), with their age as a gauge of its own.
+With several API processes (PROMETHEUS_MULTIPROC_DIR set before import) request series are summed across them.
 
 The admission margin (engine/admission_margin.py) is the API process's own: each process admits its requests
 against the margin its own controller learned from the requests it served. Its gauges are written when the
@@ -23,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from meshserve.engine.messages import ITERATION_TOKENS_BUCKETS
 from meshserve.errors import MeshserveError, RetryableError
 from meshserve.outputs import RequestOutput, SequenceStats
 from meshserve.serve import multiprocess_metrics
 from meshserve.serve.frontend_load import ARRIVAL
-from meshserve.serve.request_histograms import RequestHistograms
+from meshserve.serve.request_histograms import LABELS, PHASE_BUCKETS, TPOT_BUCKETS, RequestHistograms
 from meshserve.serve.request_log import RequestLog, unix_time_of
 
 if TYPE_CHECKING:
@@ -36,19 +42,24 @@ if TYPE_CHECKING:
 
 # Outcomes of a generation request: how its choices finished, or why it produced none.
 OUTCOMES = ("stop", "length", "abort", "rejected", "invalid", "error")
+# vllm:request_success's finished_reason values meshserve's sequences can end with (vLLM's also has error, a KV
+# load failure, and repetition, a detector meshserve has not)
+FINISHED_REASONS = ("stop", "length", "abort")
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")  # vllm:prompt_tokens_by_source
 
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-                0.4, 0.5, 0.75, 1.0, 2.5)
-_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                60.0, 120.0, 240.0)
+# vLLM's buckets (vllm/v1/metrics/loggers.py)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = TPOT_BUCKETS
+E2E_BUCKETS = PHASE_BUCKETS
 
 
 class _EngineStatsCollector(Collector):
-    """Turns the core's last published counters into gauge and counter families."""
+    """Turns the cores' last published counters into gauge, counter and histogram families."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "meshserve", cache_config: dict[str, str] | None = None) -> None:
+        self.model_name = model_name
+        self.cache_config = cache_config or {}  # vllm:cache_config_info's labels (CoreInfo.cache_config)
         self.stats: dict[str, Any] | None = None
         self.age_s: float | None = None
         self.expert_load: list[list[int]] = []  # the last per-expert counts the core published (MoE only)
@@ -60,12 +71,12 @@ class _EngineStatsCollector(Collector):
                                   "Seconds since the engine core published the counters below (with its last step).")
             g.add_metric([], self.age_s)
             yield g
+        # data parallel: each core's own counters (labelled engine="i"); else the one core's, with the requests
+        # sent to it since its last stats counted as waiting
+        yield from _vllm_engine_families(self.model_name, s.get("engines") or [s], self.cache_config)
         gauges = [
-            ("meshserve:num_requests_running", "Sequences in the running batch.", "num_running"),
-            ("meshserve:num_requests_waiting", "Sequences waiting to be scheduled.", "num_waiting"),
-            ("meshserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "kv_cache_usage"),
-            ("meshserve:prefix_cache_hit_rate", "Prefix cache hit tokens / queried tokens since start (0-1).",
-             "prefix_cache_hit_rate"),
+            ("meshserve:prefix_cache_hit_rate", ("Prefix cache hit tokens (KV offload tiers' included) / queried "
+             "tokens since start (0-1)."), "prefix_cache_hit_rate"),
             ("meshserve:queue_wait_predicted_seconds", "Predicted wait of a request joining the queue now.",
              "queue_wait_s"),
             ("meshserve:step_time_predicted_seconds", ("Device time the step-time model predicted for the last "
@@ -78,31 +89,10 @@ class _EngineStatsCollector(Collector):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(s.get(key) or 0.0))
             yield g
-        counters = [
-            ("meshserve:num_preemptions", "Sequences preempted to free KV blocks.", "num_preemptions"),
-            ("meshserve:prefix_cache_queries", ("Prefix cache queries: prompt tokens looked up by sequences at "
-             "their first admission (a preempted one's recompute not again)."), "prefix_cache_queries"),
-            ("meshserve:prefix_cache_hits", "Prefix cache hits: prompt tokens of those found cached.",
-             "prefix_cache_hits"),
-            ("meshserve:requests_shed", ("Queued requests dropped by the engine because their time-to-first-token "
-             "target could no longer be met."), "num_shed"),
-            # speculative decoding, after vLLM's vllm:spec_decode_* counters
-            ("meshserve:spec_decode_num_drafts", "Verify rows: sequences that verified proposals in a step.",
-             "spec_num_drafts"),
-            ("meshserve:spec_decode_num_draft_tokens", "Proposed tokens verified.", "spec_num_draft_tokens"),
-            ("meshserve:spec_decode_num_accepted_tokens", "Proposed tokens accepted.", "spec_num_accepted_tokens"),
-        ]
-        for name, doc, key in counters:
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], float(s.get(key) or 0))
-            yield c
-        per_pos = s.get("spec_num_accepted_tokens_per_pos") or []
-        if per_pos:
-            c = CounterMetricFamily("meshserve:spec_decode_num_accepted_tokens_per_pos",
-                                    "Proposed tokens accepted, by position in the proposal.", labels=["position"])
-            for pos, n in enumerate(per_pos):
-                c.add_metric([str(pos)], float(n))
-            yield c
+        c = CounterMetricFamily("meshserve:requests_shed", "Queued requests dropped by the engine because their "
+                                "time-to-first-token target could no longer be met.")
+        c.add_metric([], float(s.get("num_shed") or 0))
+        yield c
         self.expert_load = s.get("expert_load") or self.expert_load
         if self.expert_load:
             c = CounterMetricFamily("meshserve:moe_expert_tokens", "Tokens routed to each expert of each MoE layer "
@@ -117,22 +107,106 @@ class _EngineStatsCollector(Collector):
         yield from _per_engine_families(s.get("engines") or [])
 
 
+def _vllm_engine_families(model_name: str, engines: list[dict[str, Any]],
+                          cache_config: dict[str, str]) -> Iterator[Metric]:
+    """vLLM's per-engine series (PrometheusStatLogger's scheduler and iteration stats), one sample per core."""
+
+    def labels(i: int) -> list[str]:
+        return [model_name, str(i)]
+
+    def v(e: dict[str, Any], key: str) -> float:
+        return float(e.get(key) or 0)
+
+    def family(kind, name: str, doc: str, value) -> Metric:
+        metric = kind(name, doc, labels=list(LABELS))
+        for i, e in enumerate(engines):
+            metric.add_metric(labels(i), float(value(e)))
+        return metric
+
+    def waiting(e: dict[str, Any]) -> float:  # vLLM's waiting + skipped waiting (deferred)
+        return v(e, "num_waiting") + v(e, "num_waiting_for_kv")
+
+    def deferred(e: dict[str, Any]) -> float:  # a grammar compiling, a prefill's KV on its way
+        return v(e, "num_waiting_for_grammar") + v(e, "num_waiting_for_kv")
+
+    yield family(GaugeMetricFamily, "vllm:num_requests_running", "Number of requests in model execution batches.",
+                 lambda e: v(e, "num_running"))
+    yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                 waiting)
+    by_reason = GaugeMetricFamily("vllm:num_requests_waiting_by_reason", "Number of waiting requests by reason. "
+                                  "Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = "
+                                  "deferred by transient constraints (a grammar compiling, a disaggregated "
+                                  "prefill's KV on its way). Sum of all reasons equals vllm:num_requests_waiting.",
+                                  labels=[*LABELS, "reason"])
+    for i, e in enumerate(engines):
+        by_reason.add_metric([*labels(i), "capacity"], waiting(e) - deferred(e))
+        by_reason.add_metric([*labels(i), "deferred"], deferred(e))
+    yield by_reason
+    yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                 lambda e: v(e, "kv_cache_usage"))
+    yield family(CounterMetricFamily, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                 "queried tokens.", lambda e: v(e, "prefix_cache_queries"))
+    yield family(CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached "
+                 "tokens (the GPU cache's; those restored from a KV offload tier are external hits).",
+                 lambda e: v(e, "prefix_cache_hits") - v(e, "prefix_cache_restored_hits"))
+    yield family(CounterMetricFamily, "vllm:external_prefix_cache_queries", "External prefix cache queries (KV "
+                 "offload tiers, a disaggregated prefill's transfer), in terms of number of queried tokens.",
+                 lambda e: v(e, "prefix_cache_external_queries"))
+    yield family(CounterMetricFamily, "vllm:external_prefix_cache_hits", "External prefix cache hits (KV offload "
+                 "tiers, a disaggregated prefill's transfer), in terms of number of cached tokens.",
+                 lambda e: v(e, "prefix_cache_external_hits"))
+    yield family(CounterMetricFamily, "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                 lambda e: v(e, "num_preemptions"))
+    iteration = HistogramMetricFamily("vllm:iteration_tokens_total", "Histogram of number of tokens per "
+                                      "engine_step.", labels=list(LABELS))
+    for i, e in enumerate(engines):
+        counts = e.get("iteration_tokens") or [0] * (len(ITERATION_TOKENS_BUCKETS) + 2)  # (the sum last)
+        iteration.add_metric(labels(i), _cumulative(ITERATION_TOKENS_BUCKETS, counts[:-1]), sum_value=counts[-1])
+    yield iteration
+    if any(e.get("spec_num_accepted_tokens_per_pos") for e in engines):  # speculative decoding configured
+        for name, doc, key in (
+                ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", "spec_num_drafts"),
+                ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", "spec_num_draft_tokens"),
+                ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", "spec_num_accepted_tokens")):
+            yield family(CounterMetricFamily, name, doc, lambda e, key=key: v(e, key))
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft "
+                                      "position.", labels=[*LABELS, "position"])
+        for i, e in enumerate(engines):
+            for pos, n in enumerate(e.get("spec_num_accepted_tokens_per_pos") or []):
+                per_pos.add_metric([*labels(i), str(pos)], float(n))
+        yield per_pos
+    if cache_config:
+        keys = sorted(cache_config)
+        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                 labels=[*keys, "engine"])
+        for i, e in enumerate(engines):
+            values = dict(cache_config)
+            if len(engines) > 1 and e.get("num_blocks"):
+                values["num_gpu_blocks"] = str(e["num_blocks"])  # each core sized its own pool
+            info.add_metric([values[k] for k in keys] + [str(i)], 1.0)
+        yield info
+
+
+def _cumulative(bounds, counts) -> list[tuple[str, float]]:
+    """(le, cumulative count) pairs of a histogram from its per-bucket counts (+Inf last), le written as
+    prometheus_client writes a Histogram's."""
+    out, total = [], 0
+    for bound, n in zip((*map(floatToGoString, bounds), "+Inf"), counts):
+        total += n
+        out.append((bound, float(total)))
+    return out
+
+
 def _per_engine_families(engines: list[dict[str, Any]]) -> Iterator[Metric]:
-    """Data parallel: each engine core's own gauges, labelled engine="i" (the unlabelled series above are the
-    server's sums; these show how the load is spread)."""
+    """Data parallel: each engine core's predicted queue wait, labelled engine="i" (the unlabelled gauge is the
+    least loaded core's, the one a new request goes to; running, waiting and KV use per core are vLLM's series)."""
     if not engines:
         return
-    for name, doc, key in (
-            ("meshserve:engine_num_requests_running", "Sequences in this engine core's running batch.", "num_running"),
-            ("meshserve:engine_num_requests_waiting", "Sequences waiting in this engine core.", "num_waiting"),
-            ("meshserve:engine_kv_cache_usage_perc", "Fraction of this engine core's KV cache in use.",
-             "kv_cache_usage"),
-            ("meshserve:engine_queue_wait_predicted_seconds", "Predicted wait of a request joining this core now.",
-             "queue_wait_s")):
-        g = GaugeMetricFamily(name, doc, labels=["engine"])
-        for i, e in enumerate(engines):
-            g.add_metric([str(i)], float(e.get(key) or 0.0))
-        yield g
+    g = GaugeMetricFamily("meshserve:engine_queue_wait_predicted_seconds", "Predicted wait of a request joining "
+                          "this core now.", labels=["engine"])
+    for i, e in enumerate(engines):
+        g.add_metric([str(i)], float(e.get("queue_wait_s") or 0.0))
+    yield g
 
 
 def _kv_offload_families(s: dict[str, Any]) -> Iterator[Metric]:
@@ -228,30 +302,53 @@ def labelled_counter(name: str, doc: str, label: str, values, registry: Collecto
 class ServerMetrics:
     """All series of one server; `track()` returns a per-request observer."""
 
-    def __init__(self, request_log: RequestLog | None = None, max_model_len: int | None = None) -> None:
-        """max_model_len: the top of the per-request token histograms' buckets."""
+    def __init__(self, request_log: RequestLog | None = None, max_model_len: int | None = None,
+                 model_name: str = "meshserve", num_engines: int = 1,
+                 cache_config: dict[str, str] | None = None) -> None:
+        """max_model_len: the top of the per-request token histograms' buckets; model_name: vLLM's model_name
+        label (the first served model name); num_engines: the data-parallel cores (engine label "0".. each of
+        whose series is exported from the first scrape, as vLLM's); cache_config: vllm:cache_config_info's
+        labels (CoreInfo.cache_config)."""
         self.request_log = request_log  # --request-log: a line per served prompt (request_log.py)
+        self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = labelled_counter("meshserve:requests", "Generation requests by outcome.", "outcome",
                                          OUTCOMES, r)
-        self.prompt_tokens = Counter("meshserve:prompt_tokens", "Prompt tokens prefilled: each sequence's (a choice "
-                                     "of a prompt), cached ones included, once however often it was preempted.",
+        # vLLM's per-engine request series: per sequence (a choice of a prompt), labelled with its core
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed: each sequence's "
+                                     "prompt tokens, cached ones included, once (with its first token).", LABELS,
                                      registry=r)
-        self.generation_tokens = Counter("meshserve:generation_tokens", "Tokens generated and sent.",
-                                         registry=r)
-        self.ttft = Histogram("meshserve:time_to_first_token_seconds", "Time from the request's arrival at "
-                              "the server to each sequence's (a choice of a prompt) first token.",
-                              buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("meshserve:inter_token_latency_seconds",
-                             "Time between successive engine steps that gave a sequence (a choice of a prompt) "
-                             "tokens, by the engine's clock (several tokens of one step: one observation).",
-                             buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("meshserve:e2e_request_latency_seconds", "Time from the request's arrival to "
-                             "each sequence's (a choice of a prompt) last token, of sequences that ended by stop "
-                             "or length.",
-                             buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens_by_source = Counter("vllm:prompt_tokens_by_source", "Number of prompt tokens by source.",
+                                               [*LABELS, "source"], registry=r)
+        self.prompt_tokens_cached = Counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + "
+                                            "external).", LABELS, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                                         LABELS, registry=r)
+        self.request_success = Counter("vllm:request_success", "Count of successfully processed requests: "
+                                       "sequences (a choice of a prompt) by the reason they finished.",
+                                       [*LABELS, "finished_reason"], registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds: "
+                              "from the request's arrival at the server to each sequence's first token.", LABELS,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds: "
+                             "between successive engine steps that gave a sequence tokens, by the engine's clock "
+                             "(several tokens of one step: one observation).", LABELS, buckets=ITL_BUCKETS,
+                             registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds: "
+                             "from the request's arrival to each finished sequence's last token.", LABELS,
+                             buckets=E2E_BUCKETS, registry=r)
         self.per_request = RequestHistograms(r, max_model_len)  # vLLM's phase and token histograms
+        for engine in range(max(num_engines, 1)):  # every series from the first scrape, at 0, as vLLM's
+            labels = self.labels(engine)
+            for metric in (self.prompt_tokens, self.prompt_tokens_cached, self.generation_tokens, self.ttft,
+                           self.itl, self.e2e):
+                metric.labels(*labels)
+            for source in PROMPT_SOURCES:
+                self.prompt_tokens_by_source.labels(*labels, source)
+            for reason in FINISHED_REASONS:
+                self.request_success.labels(*labels, reason)
+            self.per_request.register_engine(labels)
         self.rejected = labelled_counter(
             "meshserve:requests_rejected", "Requests refused with 429/503, by reason (the error code: "
             "server_overloaded, slo_unattainable at arrival, slo_shed from the queue, ...).", "reason",
@@ -276,8 +373,12 @@ class ServerMetrics:
                                      "to this API process accepting requests (the start-up timeline's total; "
                                      "multiprocess: the slowest process).", registry=r, multiprocess_mode="max")
         self._margin_updates_counted = 0
-        self._engine = _EngineStatsCollector()
+        self._engine = _EngineStatsCollector(model_name, cache_config)
         r.register(self._engine)
+
+    def labels(self, engine: int) -> tuple[str, str]:
+        """vLLM's (model_name, engine) label values of a core's series."""
+        return self.model_name, str(engine)
 
     def watch_admission_margin(self, margin: AdmissionMargin) -> None:
         """Export margin's value, its updates and its last error quantile, now and at each update."""
@@ -308,13 +409,14 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Observes one HTTP request's engine outputs: TTFT, inter-token gaps, token counts, outcome, and
-    whether it met its service-level targets (when it has any).
+    """Observes one HTTP request's engine outputs: TTFT, inter-token gaps, token counts, finish reasons, outcome,
+    and whether it met its service-level targets (when it has any).
 
     Like vLLM's, the per-request series count engine requests: each sequence (one choice of one prompt; vLLM
-    runs n choices and a batch's prompts as requests of their own) has its TTFT, its prompt tokens and, when
-    it ends by stop or length, its end-to-end latency and per-request histograms (request_histograms.py). The
-    outcome counter stays one per HTTP request."""
+    runs n choices and a batch's prompts as requests of their own) has its TTFT, its prompt tokens (with its
+    first token) and, when it finishes, its finish reason, end-to-end latency and per-request histograms
+    (request_histograms.py), all labelled with the core that ran it. The outcome counter stays one per HTTP
+    request."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
@@ -326,9 +428,10 @@ class RequestTracker:
         self._last: float | None = None
         self._prompt_seen: dict[int, int] = {}  # prompt index -> its prompt tokens
         self._num_tokens: dict[tuple[int, int], int] = {}  # (prompt index, choice index) -> tokens so far
+        self._labels: dict[tuple[int, int], tuple[str, str]] = {}  # (prompt index, choice index) -> its labels
         self._last_token: dict[tuple[int, int], float] = {}  # (prompt index, choice index) -> its last output
         self._last_step: dict[tuple[int, int], float] = {}  # and the core's time of its last step with tokens
-        self._num_finished: dict[int, int] = {}  # prompt index -> its choices ended by stop or length
+        self._num_finished: dict[int, int] = {}  # prompt index -> its choices finished
         self._done = False
         self.ttft_target_s: float | None = None
         self.tpot_target_s: float | None = None
@@ -336,49 +439,67 @@ class RequestTracker:
     def observe(self, prompt_index: int, out: RequestOutput) -> None:
         """Count one DELTA output of the request's prompt_index-th prompt."""
         now = time.perf_counter()
+        m = self.metrics
         new = 0
         self._prompt_seen.setdefault(prompt_index, len(out.prompt_token_ids))
         for c in out.outputs:
             key = (prompt_index, c.index)
             n = len(c.token_ids)
+            stats = c.stats
+            labels = self._labels.get(key)
+            if labels is None:
+                labels = self._labels[key] = m.labels(stats.engine_index if stats is not None else 0)
             seen = self._num_tokens.get(key)
-            if seen is None:  # the sequence's first output: its prompt was prefilled (once, preempted or not)
-                self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
             self._num_tokens[key] = (seen or 0) + n
             new += n
-            if n and not seen:
-                self.metrics.ttft.observe(now - self.arrival)
+            if n and not seen:  # its first token: its prompt was prefilled (once, preempted or not)
+                m.ttft.labels(*labels).observe(now - self.arrival)
+                self._count_prompt(labels, len(out.prompt_token_ids), stats)
             if n:
-                self._observe_gaps(key, c.token_ids, c.step_times, now)
-            if c.finish_reason in ("stop", "length"):
-                self.metrics.e2e.observe(now - self.arrival)
-                self._observe_finished(prompt_index, key, c.stats)
+                m.generation_tokens.labels(*labels).inc(n)
+                self._observe_gaps(key, labels, c.token_ids, c.step_times, now)
+            if c.finish_reason in FINISHED_REASONS:
+                m.request_success.labels(*labels, c.finish_reason).inc()
+                m.e2e.labels(*labels).observe(now - self.arrival)
+                self._observe_finished(prompt_index, key, stats)
         if new <= 0:
             return
-        self.metrics.generation_tokens.inc(new)
         if self._last is None:
             self._first = now
         self._last = now
 
+    def _count_prompt(self, labels: tuple[str, str], prompt_tokens: int, stats: SequenceStats | None) -> None:
+        """A sequence's prompt tokens, by where their KV came from (vLLM's: computed, from the GPU prefix cache,
+        from outside it: a KV offload tier or a disaggregated prefill)."""
+        m = self.metrics
+        cached = min(stats.num_cached_tokens, prompt_tokens) if stats is not None else 0
+        external = min(stats.num_external_cached_tokens, cached) if stats is not None else 0
+        m.prompt_tokens.labels(*labels).inc(prompt_tokens)
+        m.prompt_tokens_cached.labels(*labels).inc(cached)
+        for source, count in zip(PROMPT_SOURCES, (prompt_tokens - cached, cached - external, external)):
+            m.prompt_tokens_by_source.labels(*labels, source).inc(count)
+
     def _observe_finished(self, prompt_index: int, key: tuple[int, int], stats: SequenceStats | None) -> None:
-        """A sequence ended by stop or length: its per-request histograms, and its prompt's once all its n ended."""
-        self.metrics.per_request.observe(self._prompt_seen[prompt_index], self._num_tokens[key], stats)
+        """A sequence finished: its per-request histograms, and its prompt's once all its n finished."""
+        labels = self._labels[key]
+        self.metrics.per_request.observe(labels, self._prompt_seen[prompt_index], self._num_tokens[key], stats)
         done = self._num_finished[prompt_index] = self._num_finished.get(prompt_index, 0) + 1
         if stats is not None and done == stats.n:
             most = max(n for (p, _c), n in self._num_tokens.items() if p == prompt_index)
-            self.metrics.per_request.observe_prompt(stats.n, most)
+            self.metrics.per_request.observe_prompt(labels, stats.n, most)
 
-    def _observe_gaps(self, key: tuple[int, int], token_ids: list[int], step_times: list[float] | None,
-                      now: float) -> None:
+    def _observe_gaps(self, key: tuple[int, int], labels: tuple[str, str], token_ids: list[int],
+                      step_times: list[float] | None, now: float) -> None:
         """Inter-token latency of one sequence (one choice of one prompt), as vLLM measures it: one observation
         per engine step that gave it tokens, after the step of its first, timed from its own previous such
         step by the core's clock. So tokens of one step (accepted proposals) are one gap, not several, and
         steps that reached a lagging stream folded together keep their own gaps."""
+        itl = self.metrics.itl.labels(*labels)
         if step_times is not None:
             last = self._last_step.get(key)
             for t in step_times:
                 if last is not None:
-                    self.metrics.itl.observe(t - last)
+                    itl.observe(t - last)
                 last = t
             if last is not None:
                 self._last_step[key] = last
@@ -389,7 +510,7 @@ class RequestTracker:
         last = self._last_token.get(key)
         gap, count = (0.0, n - 1) if last is None else ((now - last) / n, n)
         for _ in range(count):
-            self.metrics.itl.observe(gap)
+            itl.observe(gap)
         self._last_token[key] = now
 
     def fail(self, exc: BaseException) -> None:

@@ -130,7 +130,10 @@ def build_app(async_llm: AsyncLLM, config: ServeConfig, state: ServerState | Non
     state = state or ServerState()
     client = EngineClient(async_llm, config)
     max_model_len = config.max_model_len or client.max_model_len
-    metrics = ServerMetrics(RequestLog(config.request_log) if config.request_log else None, max_model_len)
+    core_client = async_llm.core_client
+    metrics = ServerMetrics(RequestLog(config.request_log) if config.request_log else None, max_model_len,
+                            model_name=config.model_name, num_engines=getattr(core_client, "num_cores", 1),
+                            cache_config=core_client.info.cache_config)
     metrics.watch_admission_margin(async_llm.admission_margin)
     completions = CompletionService(client, config, metrics)
     chat = ChatService(client, config, metrics)

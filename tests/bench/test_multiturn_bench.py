@@ -122,6 +122,7 @@ def test_cpu_tier_serves_more_of_the_prefixes_than_the_gpu_pool_alone(no_offload
 
 
 def test_cache_counters_read_the_prefix_and_tier_series():
-    samples = {"meshserve:prefix_cache_hits_total": 5.0, "meshserve:prefix_cache_queries_total": 9.0,
-               'meshserve:kv_offload_hits_total{tier="cpu"}': 2.0}
+    engine = '{engine="0",model_name="m"}'
+    samples = {f"vllm:prefix_cache_hits_total{engine}": 3.0, f"vllm:external_prefix_cache_hits_total{engine}": 2.0,
+               f"vllm:prefix_cache_queries_total{engine}": 9.0, 'meshserve:kv_offload_hits_total{tier="cpu"}': 2.0}
     assert cache_counters(samples) == {"hits": 5.0, "queries": 9.0, "cpu_hits": 2.0, "disk_hits": 0.0}

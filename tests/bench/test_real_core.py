@@ -96,7 +96,9 @@ def test_real_core_server_serves_through_the_real_scheduler(tmp_path):
             usages = [http.post(base + "/v1/completions", json=b).json()["usage"] for b in bodies]
         assert [u["completion_tokens"] for u in usages] == [6] * 6
         # the real core's counters: the KV blocks of the real block manager
-        assert "meshserve:generation_tokens_total 36.0" in httpx.get(base + "/metrics", timeout=10).text
+        text = httpx.get(base + "/metrics", timeout=10).text
+        assert [line.rsplit(" ", 1)[1] for line in text.splitlines()
+                if line.startswith('vllm:generation_tokens_total{engine="0",')] == ["36.0"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

@@ -141,6 +141,7 @@ def test_tokens_match_a_single_engine_and_blocks_are_freed(pair, tiny_model_dir)
             kv_transfer_params={"do_remote_prefill": True, **ahead},
         )
         reqs.append(EngineCoreRequest(f"d{i}", prompt, p, 12))
+    before = consumer.scheduler_stats()
     got = _run(consumer, reqs)
 
     single = EngineCore.from_engine_args(
@@ -160,6 +161,14 @@ def test_tokens_match_a_single_engine_and_blocks_are_freed(pair, tiny_model_dir)
     assert stats.kv_transfer_received == len(prompts) and stats.kv_transfer_failed == 0
     assert stats.kv_transfer_received_bytes > 0 and sum(stats.kv_transfer_latency_buckets) == len(prompts)
     assert consumer.scheduler.block_manager.num_free_blocks == consumer.scheduler.block_manager.num_blocks
+    # vLLM's counters: each prompt came whole from outside (external prefix-cache tokens, asked and found), and
+    # every token the decode leg sent (the producer's first, received, and 11 decoded) is in tokens per iteration,
+    # with no prompt token computed here
+    transferred = sum(map(len, prompts))
+    assert stats.prefix_cache_external_hits - before.prefix_cache_external_hits == transferred
+    assert stats.prefix_cache_external_queries - before.prefix_cache_external_queries == transferred
+    assert stats.iteration_tokens[-1] - (before.iteration_tokens or [0])[-1] == 12 * len(prompts)
+    assert stats.num_waiting_for_kv == 0
     commands.put(("blocks",))
     _kind, free, pstats = results.get(timeout=30)
     assert pstats["kv_transfer_sent"] == len(prompts) and pstats["kv_transfer_held_blocks"] == 0

@@ -42,9 +42,10 @@ def test_step_messages_carry_only_new_tokens(core):
             tokens[o.request_id] += o.new_token_ids
     assert all(len(t) == 40 for t in tokens.values())
     # a message of 8 decoding requests stays the same size from the second token to the fortieth (the first
-    # carries each request's prefix-cache count and scheduling time once)
+    # carries each request's prefix-cache count and scheduling time once); beside the tokens, the counters (with
+    # vLLM's tokens-per-iteration histogram: ~50 bytes)
     sizes = sizes[1:]
-    assert len(sizes) >= 30 and max(sizes) - min(sizes) <= 16 and max(sizes) < 8 * 40 + 120
+    assert len(sizes) >= 30 and max(sizes) - min(sizes) <= 16 and max(sizes) < 8 * 40 + 170
 
 
 def test_prompt_logprobs_come_once_per_position(core):

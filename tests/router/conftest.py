@@ -95,7 +95,7 @@ def fake_replica_app(script: Script) -> FastAPI:
     async def metrics():
         from starlette.responses import PlainTextResponse
 
-        return PlainTextResponse("meshserve:num_requests_waiting 3.0\n")
+        return PlainTextResponse('vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n')
 
     @app.get("/v1/models")
     async def models():

@@ -135,7 +135,7 @@ def test_disaggregated_tokens_equal_colocated_and_faults_fall_back(deployment, r
     assert _metric(decode.url, 'meshserve:kv_transfer_bytes_total{direction="received"}') > 0
     # both sides freed every block (the producer once acknowledged)
     assert wait_until(lambda: _metric(prefill.url, 'meshserve:kv_transfer_blocks{state="held"}') == 0, 10)
-    assert _metric(decode.url, "meshserve:kv_cache_usage_perc") == 0
+    assert _metric(decode.url, 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"}') == 0
 
     # the prefill instance dies: requests are served colocated on the decode instance, streamed or not
     prefill.kill()

@@ -48,4 +48,4 @@ def test_concurrent_legs_stream_layers_during_the_prefill(deployment, router):
     assert _metric(decode.url, 'meshserve:kv_transfers_total{direction="received",outcome="ok"}') == 4
     assert _metric(prefill.url, 'meshserve:kv_transfer_streamed_seconds_total{part="during_prefill"}') > 0
     assert wait_until(lambda: _metric(prefill.url, 'meshserve:kv_transfer_blocks{state="held"}') == 0, 10)
-    assert _metric(decode.url, "meshserve:kv_cache_usage_perc") == 0
+    assert _metric(decode.url, 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"}') == 0

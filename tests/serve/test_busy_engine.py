@@ -58,15 +58,16 @@ def held(busy):
 
 def _gauges(base_url: str) -> dict[str, float]:
     text = httpx.get(base_url + "/metrics", timeout=5).text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith(("meshserve:num_requests", "meshserve:engine_stats_age"))}
+    return {line.split("{")[0].split()[0]: float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{",
+                                "meshserve:engine_stats_age"))}
 
 
 def _wait_for_requests(base_url: str, n: int) -> None:
     deadline = time.monotonic() + 10
     while True:
         g = _gauges(base_url)
-        if g["meshserve:num_requests_running"] + g["meshserve:num_requests_waiting"] == n:
+        if g["vllm:num_requests_running"] + g["vllm:num_requests_waiting"] == n:
             return
         assert time.monotonic() < deadline, g
         time.sleep(0.05)
@@ -93,14 +94,14 @@ def test_metrics_during_a_long_step_show_the_requests_and_their_age(held):
         t = time.monotonic()
         g = _gauges(busy.base_url)
         assert time.monotonic() - t < STEP_S / 3  # a scrape never waits on the core
-        assert g["meshserve:num_requests_running"] + g["meshserve:num_requests_waiting"] == 3
+        assert g["vllm:num_requests_running"] + g["vllm:num_requests_waiting"] == 3
         ages.append(g["meshserve:engine_stats_age_seconds"])
         time.sleep(0.4)
     assert ages == sorted(ages) and ages[-1] >= 0.6  # stale, and saying so
     busy.slow.gate.set()
     for t in threads:
         t.join(30)
-    assert _gauges(busy.base_url)["meshserve:num_requests_running"] == 0
+    assert _gauges(busy.base_url)["vllm:num_requests_running"] == 0
 
 
 def test_bad_requests_are_refused_without_waiting_for_the_step(held):

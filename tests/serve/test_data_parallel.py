@@ -87,9 +87,14 @@ def test_streams_from_both_cores_with_the_tokens_of_one(dp_live, live):
     health = httpx.get(dp_live.base_url + "/health", timeout=10)
     assert health.status_code == 200
     metrics = httpx.get(dp_live.base_url + "/metrics", timeout=10).text
-    assert "meshserve:generation_tokens_total 48.0" in metrics
-    for engine in ("0", "1"):  # each core's own gauges beside the server's sums
-        assert f'meshserve:engine_num_requests_running{{engine="{engine}"}} 0.0' in metrics
+    generated = 0.0
+    for engine in ("0", "1"):  # vLLM's series per core (engine label): each core's gauges and its sequences'
+        assert f'vllm:num_requests_running{{engine="{engine}",model_name="tiny"}} 0.0' in metrics
+        line = f'vllm:generation_tokens_total{{engine="{engine}",model_name="tiny"}} '
+        (count,) = [float(s[len(line):]) for s in metrics.splitlines() if s.startswith(line)]
+        assert count > 0  # both cores served some
+        generated += count
+    assert generated == 48
 
 
 @pytest.fixture(scope="module")

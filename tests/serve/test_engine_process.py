@@ -63,7 +63,7 @@ def test_disconnect_frees_blocks_and_metrics_work(process_server):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         metrics = httpx.get(process_server.base_url + "/metrics", timeout=10).text
-        running = [line for line in metrics.splitlines() if line.startswith("meshserve:num_requests_running")]
+        running = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running{")]
         if running and float(running[0].split()[-1]) == 0:
             break
         time.sleep(0.1)

@@ -110,15 +110,16 @@ def test_metrics_parse_and_count(tiny_engine):
             m = _scrape(http)
         assert m["meshserve:requests_total{outcome=length}"] == 5
         assert m["meshserve:requests_total{outcome=invalid}"] == 2
-        assert m["meshserve:prompt_tokens_total"] == prompt_total
-        assert m["meshserve:generation_tokens_total"] == completion_total == 4 + 5 + 6 + 5 + 4 * 3
-        assert m["meshserve:time_to_first_token_seconds_count"] == 8
-        assert m["meshserve:e2e_request_latency_seconds_count"] == 8
-        assert m["meshserve:inter_token_latency_seconds_count"] == completion_total - 8
-        for name in ("meshserve:num_requests_running", "meshserve:num_requests_waiting",
-                     "meshserve:kv_cache_usage_perc", "meshserve:prefix_cache_hit_rate",
-                     "meshserve:num_preemptions_total"):
-            assert name in m
+        engine = "{engine=0,model_name=tiny}"  # vLLM's labels
+        assert m[f"vllm:prompt_tokens_total{engine}"] == prompt_total
+        assert m[f"vllm:generation_tokens_total{engine}"] == completion_total == 4 + 5 + 6 + 5 + 4 * 3
+        assert m[f"vllm:time_to_first_token_seconds_count{engine}"] == 8
+        assert m[f"vllm:e2e_request_latency_seconds_count{engine}"] == 8
+        assert m[f"vllm:inter_token_latency_seconds_count{engine}"] == completion_total - 8
+        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                     "vllm:num_preemptions_total"):
+            assert name + engine in m
+        assert "meshserve:prefix_cache_hit_rate" in m
         assert 0.0 <= m["meshserve:prefix_cache_hit_rate"] <= 1.0
     finally:
         srv.stop()

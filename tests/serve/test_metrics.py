@@ -28,6 +28,9 @@ if render:
 """
 
 
+ENGINE_0 = '{engine="0",model_name="meshserve"}'  # vLLM's labels of a server's one engine, by default
+
+
 def _api_process(metrics_dir, late: float, updates: int, render: bool) -> str:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONPATH": os.getcwd()}
     done = subprocess.run([sys.executable, "-c", _API_PROCESS, str(late), str(updates), "render" if render else "-"],
@@ -71,8 +74,8 @@ def _output(prompt_tokens: int, choices: dict[int, int], step_times: list[float]
 
 def _itl_observations(metrics) -> tuple[float, float]:
     text = metrics.render(None).decode()
-    count = _samples(text, "meshserve:inter_token_latency_seconds_count")[0][1]
-    total = _samples(text, "meshserve:inter_token_latency_seconds_sum")[0][1]
+    count = _samples(text, "vllm:inter_token_latency_seconds_count")[0][1]
+    total = _samples(text, "vllm:inter_token_latency_seconds_sum")[0][1]
     return count, total
 
 
@@ -99,10 +102,10 @@ def test_inter_token_latency_is_each_sequence_s_own_gap(monkeypatch, n, prompts)
     assert count == sequences * (steps - 1)  # every token after its sequence's first
     assert total / count == pytest.approx(0.1)
     text = metrics.render(None).decode()
-    assert _samples(text, "meshserve:generation_tokens_total") == [("", sequences * steps)]
+    assert _samples(text, "vllm:generation_tokens_total") == [(ENGINE_0, sequences * steps)]
     # per sequence, as vLLM's requests (n choices run as n requests there): TTFT, prompt tokens, e2e
-    assert _samples(text, "meshserve:prompt_tokens_total") == [("", 3 * sequences)]
-    assert _samples(text, "meshserve:time_to_first_token_seconds_count") == [("", sequences)]
+    assert _samples(text, "vllm:prompt_tokens_total") == [(ENGINE_0, 3 * sequences)]
+    assert _samples(text, "vllm:time_to_first_token_seconds_count") == [(ENGINE_0, sequences)]
 
 
 def test_a_lagging_stream_s_folded_tokens_share_their_gap(monkeypatch):
@@ -161,7 +164,7 @@ def test_e2e_latency_per_sequence_that_ended_by_stop_or_length(monkeypatch):
     aborted.observe(0, _output(3, {0: 1}))
     aborted.fail(asyncio.CancelledError())
     text = metrics.render(None).decode()
-    assert _samples(text, "meshserve:e2e_request_latency_seconds_count") == [("", 2.0)]
-    assert _samples(text, "meshserve:e2e_request_latency_seconds_sum")[0][1] == pytest.approx(0.2 + 0.5)
+    assert _samples(text, "vllm:e2e_request_latency_seconds_count") == [(ENGINE_0, 2.0)]
+    assert _samples(text, "vllm:e2e_request_latency_seconds_sum")[0][1] == pytest.approx(0.2 + 0.5)
     outcomes = {labels: v for labels, v in _samples(text, "meshserve:requests_total") if v}
     assert outcomes == {'{outcome="length"}': 1.0, '{outcome="abort"}': 1.0}  # the outcome: per HTTP request

@@ -51,30 +51,30 @@ def test_each_finished_sequence_is_observed_once_and_the_phases_add_up(tiny_engi
     sequences, tokens = 4, 5
     sums = {}
     for phase in PHASES:
-        count, sums[phase] = _count_sum(text, f"meshserve:request_{phase}_time_seconds")
+        count, sums[phase] = _count_sum(text, f"vllm:request_{phase}_time_seconds")
         assert count == sequences and sums[phase] >= 0, phase
     assert sums["prefill"] > 0 and sums["decode"] > 0
     assert sums["inference"] == pytest.approx(sums["prefill"] + sums["decode"], abs=1e-9)
-    e2e_count, e2e = _count_sum(text, "meshserve:e2e_request_latency_seconds")
+    e2e_count, e2e = _count_sum(text, "vllm:e2e_request_latency_seconds")
     assert e2e_count == sequences
     in_core = sums["queue"] + sums["prefill"] + sums["decode"]
     # the rest: the front end's share (parsing, transport, streaming), under 1 s a sequence on a busy 2-core box
     assert e2e - sequences * 1.0 < in_core <= e2e + 1e-3
-    _, ttft = _count_sum(text, "meshserve:time_to_first_token_seconds")
+    _, ttft = _count_sum(text, "vllm:time_to_first_token_seconds")
     assert sums["queue"] + sums["prefill"] <= ttft + 1e-3
-    count, tpot = _count_sum(text, "meshserve:request_time_per_output_token_seconds")
+    count, tpot = _count_sum(text, "vllm:request_time_per_output_token_seconds")
     assert count == sequences and tpot == pytest.approx(sums["decode"] / (tokens - 1), abs=1e-9)
-    count, prompt_tokens = _count_sum(text, "meshserve:request_prompt_tokens")
-    assert count == sequences and prompt_tokens == _value(text, "meshserve:prompt_tokens_total") == 4 + 4 + 3 + 2
-    count, generated = _count_sum(text, "meshserve:request_generation_tokens")
+    count, prompt_tokens = _count_sum(text, "vllm:request_prompt_tokens")
+    assert count == sequences and prompt_tokens == _value(text, "vllm:prompt_tokens_total") == 4 + 4 + 3 + 2
+    count, generated = _count_sum(text, "vllm:request_generation_tokens")
     assert count == sequences
-    assert generated == _value(text, "meshserve:generation_tokens_total") == sequences * tokens
-    assert _count_sum(text, "meshserve:request_params_max_tokens") == (sequences, sequences * 5)
-    assert _count_sum(text, "meshserve:request_params_n") == (3, 2 + 1 + 1)  # once per prompt
-    assert _count_sum(text, "meshserve:request_max_num_generation_tokens") == (3, 3 * tokens)
+    assert generated == _value(text, "vllm:generation_tokens_total") == sequences * tokens
+    assert _count_sum(text, "vllm:request_params_max_tokens") == (sequences, sequences * 5)
+    assert _count_sum(text, "vllm:request_params_n") == (3, 2 + 1 + 1)  # once per prompt
+    assert _count_sum(text, "vllm:request_max_num_generation_tokens") == (3, 3 * tokens)
     # the token histograms' buckets end at the server's max_model_len (512), as vLLM's 1-2-5 buckets
-    les = [labels for labels, _ in _samples(text, "meshserve:request_prompt_tokens_bucket")]
-    assert les[-2:] == ['{le="500.0"}', '{le="+Inf"}']
+    les = [labels for labels, _ in _samples(text, "vllm:request_prompt_tokens_bucket")]
+    assert les[-2:] == [f'{{engine="0",le="500.0",model_name="{MODEL}"}}', f'{{engine="0",le="+Inf",model_name="{MODEL}"}}']
 
 
 def test_prefill_kv_computed_tokens_leave_out_prefix_cache_hits(tiny_engine):
@@ -84,7 +84,7 @@ def test_prefill_kv_computed_tokens_leave_out_prefix_cache_hits(tiny_engine):
     from meshserve.serve.config import ServeConfig
 
     prompt = [(37 * i) % 200 + 40 for i in range(40)]  # unlike other tests' prompts: nothing cached at first
-    name = "meshserve:request_prefill_kv_computed_tokens"
+    name = "vllm:request_prefill_kv_computed_tokens"
     srv = start_server(tiny_engine, ServeConfig(served_model_names=[MODEL]))
     try:
         with httpx.Client(base_url=srv.base_url, timeout=60) as http:
@@ -151,15 +151,15 @@ def test_phases_come_from_the_core_s_clock_however_late_the_front_end_reads_them
     text = metrics.render(None).decode()
     expected = {"queue": 0.5 + 0.5, "prefill": 0.2 + 0.2, "decode": 0.3 + 0.1, "inference": 0.5 + 0.3}
     for phase, total in expected.items():
-        assert _count_sum(text, f"meshserve:request_{phase}_time_seconds") == (2, pytest.approx(total)), phase
-    assert _count_sum(text, "meshserve:request_time_per_output_token_seconds") == (2, pytest.approx(0.3 / 2 + 0.1))
-    assert _count_sum(text, "meshserve:request_generation_tokens") == (2, 3 + 2)
-    assert _count_sum(text, "meshserve:request_prompt_tokens") == (2, 2 + 2)
-    assert _count_sum(text, "meshserve:request_params_max_tokens") == (2, 3 + 3)
+        assert _count_sum(text, f"vllm:request_{phase}_time_seconds") == (2, pytest.approx(total)), phase
+    assert _count_sum(text, "vllm:request_time_per_output_token_seconds") == (2, pytest.approx(0.3 / 2 + 0.1))
+    assert _count_sum(text, "vllm:request_generation_tokens") == (2, 3 + 2)
+    assert _count_sum(text, "vllm:request_prompt_tokens") == (2, 2 + 2)
+    assert _count_sum(text, "vllm:request_params_max_tokens") == (2, 3 + 3)
     # each choice its own cached count (the core's, with its first token): 1 of choice 0's 2, none of choice 1's
-    assert _count_sum(text, "meshserve:request_prefill_kv_computed_tokens") == (2, (2 - 1) + (2 - 0))
-    assert _count_sum(text, "meshserve:request_params_n") == (1, 2)
-    assert _count_sum(text, "meshserve:request_max_num_generation_tokens") == (1, 3)  # the longer choice's
+    assert _count_sum(text, "vllm:request_prefill_kv_computed_tokens") == (2, (2 - 1) + (2 - 0))
+    assert _count_sum(text, "vllm:request_params_n") == (1, 2)
+    assert _count_sum(text, "vllm:request_max_num_generation_tokens") == (1, 3)  # the longer choice's
 
 
 def test_aborted_sequences_are_not_observed():
@@ -177,11 +177,11 @@ def test_aborted_sequences_are_not_observed():
         CompletionOutput(1, "", [7])], finished=False))
     tracker.fail(asyncio.CancelledError())
     text = metrics.render(None).decode()
-    assert _count_sum(text, "meshserve:request_queue_time_seconds") == (1, pytest.approx(0.1))
-    assert _count_sum(text, "meshserve:request_time_per_output_token_seconds") == (1, pytest.approx(0.1))
-    assert _count_sum(text, "meshserve:request_generation_tokens") == (1, 3)
-    assert _count_sum(text, "meshserve:request_params_n") == (0, 0)
-    assert _count_sum(text, "meshserve:request_max_num_generation_tokens") == (0, 0)
+    assert _count_sum(text, "vllm:request_queue_time_seconds") == (1, pytest.approx(0.1))
+    assert _count_sum(text, "vllm:request_time_per_output_token_seconds") == (1, pytest.approx(0.1))
+    assert _count_sum(text, "vllm:request_generation_tokens") == (1, 3)
+    assert _count_sum(text, "vllm:request_params_n") == (0, 0)
+    assert _count_sum(text, "vllm:request_max_num_generation_tokens") == (0, 0)
 
 
 # One API process of several: one finished sequence observed, then (`render`) what a scrape it answers returns.
@@ -213,8 +213,8 @@ def test_api_processes_histograms_are_summed(tmp_path):
         assert done.returncode == 0, done.stderr
         outs.append(done.stdout)
     text = outs[-1]
-    assert _count_sum(text, "meshserve:request_decode_time_seconds") == (2, pytest.approx(0.6))
-    assert _count_sum(text, "meshserve:request_time_per_output_token_seconds") == (2, pytest.approx(0.3))
-    assert _count_sum(text, "meshserve:request_prompt_tokens") == (2, 10)
-    assert _count_sum(text, "meshserve:request_params_n") == (2, 2)
-    assert json.dumps(text).count("meshserve:request_queue_time_seconds_count") == 1  # merged, not per process
+    assert _count_sum(text, "vllm:request_decode_time_seconds") == (2, pytest.approx(0.6))
+    assert _count_sum(text, "vllm:request_time_per_output_token_seconds") == (2, pytest.approx(0.3))
+    assert _count_sum(text, "vllm:request_prompt_tokens") == (2, 10)
+    assert _count_sum(text, "vllm:request_params_n") == (2, 2)
+    assert json.dumps(text).count("vllm:request_queue_time_seconds_count") == 1  # merged, not per process

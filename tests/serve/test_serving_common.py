@@ -31,6 +31,9 @@ def _request(rid: str, deltas: list[RequestOutput], fail: BaseException | None =
     return EngineRequest(rest(), deltas[0])
 
 
+ENGINE_0 = {"model_name": "meshserve", "engine": "0"}  # vLLM's labels of a default server's one engine
+
+
 def _count(metrics: ServerMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -44,8 +47,8 @@ def test_each_prompt_whole_in_order_and_every_token_counted():
     assert [o.request_id for o in outputs] == ["a", "b"]
     assert [o.outputs[0].token_ids for o in outputs] == [[5, 6, 7, 8], [9, 10]]
     assert outputs[0].outputs[0].text == "<5><6><7><8>" and outputs[1].outputs[0].finish_reason == "stop"
-    assert _count(metrics, "meshserve:generation_tokens_total") == 6
-    assert _count(metrics, "meshserve:prompt_tokens_total") == 6  # each prompt once
+    assert _count(metrics, "vllm:generation_tokens_total", **ENGINE_0) == 6
+    assert _count(metrics, "vllm:prompt_tokens_total", **ENGINE_0) == 6  # each prompt once
     # the outcome is the caller's to count (once its requests are closed)
     outcomes = ("stop", "length", "error")
     assert sum(_count(metrics, "meshserve:requests_total", outcome=o) for o in outcomes) == 0

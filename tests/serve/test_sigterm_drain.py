@@ -40,7 +40,7 @@ def _wait_for_requests(base: str, n: int, timeout: float = 60) -> None:
     while True:
         text = httpx.get(base + "/metrics", timeout=5).text
         held = sum(float(line.split()[1]) for line in text.splitlines()
-                   if line.startswith(("meshserve:num_requests_running ", "meshserve:num_requests_waiting ")))
+                   if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")))
         if held >= n:
             return
         assert time.monotonic() < deadline, f"{held} of {n} requests reached the engine"

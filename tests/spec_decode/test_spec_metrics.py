@@ -25,7 +25,13 @@ def test_prometheus_series():
         "spec_num_accepted_tokens_per_pos": [2, 1, 1, 1],
     }
     text = ServerMetrics().render((stats, 0.1)).decode()
-    assert "meshserve:spec_decode_num_drafts_total 3.0" in text
-    assert "meshserve:spec_decode_num_draft_tokens_total 10.0" in text
-    assert "meshserve:spec_decode_num_accepted_tokens_total 5.0" in text
-    assert 'meshserve:spec_decode_num_accepted_tokens_per_pos_total{position="0"} 2.0' in text
+    labels = 'engine="0",model_name="meshserve"'
+    assert f"vllm:spec_decode_num_drafts_total{{{labels}}} 3.0" in text
+    assert f"vllm:spec_decode_num_draft_tokens_total{{{labels}}} 10.0" in text
+    assert f"vllm:spec_decode_num_accepted_tokens_total{{{labels}}} 5.0" in text
+    assert f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position="0"}} 2.0' in text
+
+
+def test_no_spec_decode_series_without_speculation():
+    """As vLLM's: the spec_decode counters exist only when speculative decoding is configured."""
+    assert "spec_decode" not in ServerMetrics().render(({"num_running": 1}, 0.1)).decode()

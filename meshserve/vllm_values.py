@@ -12,7 +12,7 @@ _BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 # vLLM's engine arguments that ask for what meshserve does anyway, or only tune something meshserve has no
 # counterpart for (ignoring them changes no answer): taken and logged as no-ops (`serve` flags and LLM(...) keywords
-# alike), with why. The server-only ones are serve/vllm_compat_args.py's _SERVER_NO_OP.
+# alike), with why. The server-only ones are serve/vllm_flag_tables.py's SERVER_NO_OP.
 _KERNELS = "a kernel choice of vLLM's: meshserve has kernels of its own (answers are the same)"
 _COMPILE = ("meshserve does not torch.compile; CUDA graphs are on unless --enforce-eager (vLLM's -O0), their "
             "largest mixed step is --max-cudagraph-tokens")

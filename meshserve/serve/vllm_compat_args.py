@@ -3,15 +3,16 @@
 Three kinds, all in one argparse group ("vLLM compatibility"):
   implemented  the flag does here what it does in vLLM (chat template, CORS, TLS, root path, ...);
   no-op        what it asks for is already how meshserve works, or it only tunes something meshserve has no
-               counterpart for and ignoring it changes no answer (_NO_OP): taken, with a log line saying why;
-  refused      meshserve cannot honour it: a one-line error that says what to use instead (_REFUSED, and
-               _REFUSED_UNLESS for values other than meshserve's own behaviour), never a flag accepted and
+               counterpart for and ignoring it changes no answer (NO_OP): taken, with a log line saying why;
+  refused      meshserve cannot honour it: a one-line error that says what to use instead (REFUSED, and
+               REFUSED_UNLESS for values other than meshserve's own behaviour), never a flag accepted and
                silently ignored.
+The tables are vllm_flag_tables.py's.
 `vllm_flag_treatment` decides for one flag and value; LLM(...) keywords of the same names go through it too
 (entrypoints/llm.py), so the offline API takes each as the server takes the flag.
 Every flag of vLLM 0.26's `vllm serve` parses (tests/serve/test_vllm_compat_args.py lists them), with its short
 names (-n, -sc, -O3, ...) and, for vLLM's on/off flags, its --no-x form. Each flag keeps a dest of its own (but
-_ALIASES, other names of meshserve's own flags); `apply_vllm_compat` folds the aliases into meshserve's own flags,
+ALIASES, other names of meshserve's own flags); `apply_vllm_compat` folds the aliases into meshserve's own flags,
 so the router's replicas (rebuilt from the namespace, router/launcher.py) get the same command line back.
 Nothing heavy is imported here: refusals come before torch loads.
 """
@@ -28,6 +29,17 @@ import stat
 from typing import Any
 
 from meshserve.errors import InvalidArgumentError
+from meshserve.serve.vllm_flag_tables import (
+    ALIASES,
+    ASKS_FOR_NOTHING,
+    NEGATABLE,
+    NO_OP,
+    REFUSED,
+    REFUSED_UNLESS,
+    SERVER_NO_OP,
+    SHORT,
+    SPEC_SHORTHANDS,
+)
 from meshserve.vllm_values import NO_OP_ARGS
 
 logger = logging.getLogger(__name__)
@@ -69,213 +81,6 @@ def _json_of(kind: type, what: str):
 json_dict = _json_of(JsonDict, "object")
 json_list = _json_of(JsonList, "list")
 
-# kinds of flag, as vLLM's parser has them: "switch" (--x), "bool" (--x and --no-x: argparse's BooleanOptionalAction),
-# "value", "values" (one or more), "optional" (--x or --x VALUE)
-_NO_LORA = "LoRA adapters are not supported yet (merge the adapter into the weights)"
-_NO_MULTIMODAL = "multimodal inputs are not supported (text models only)"
-_NO_POOLING = "pooling models are not supported (embeddings and scores are not implemented)"
-_NO_OFFLOAD = "offloading weights to CPU memory is not supported (use --quantization, or more GPUs with -tp)"
-_DP_ONE_NODE = ("not supported: data parallelism runs all --data-parallel-size replicas on one node here; across "
-                "nodes, run one meshserve per replica behind `meshserve router`")
-_NO_CONTEXT_PARALLEL = "context parallelism is not supported (use -tp / -pp)"
-# flag -> (kind, why meshserve refuses it and what to use instead); `--no-x` of a "bool" asks for nothing and passes
-_REFUSED: dict[str, tuple[str, str]] = {
-    "--revision": ("value", "no model hub here: pass the local folder of that revision"),
-    "--code-revision": ("value", "not supported: meshserve never runs a model's remote code"),
-    "--tokenizer-revision": ("value", "no model hub here: pass --tokenizer FOLDER"),
-    "--download-dir": ("value", "meshserve downloads nothing: pass a local folder as the model"),
-    "--hf-token": ("optional", "meshserve downloads nothing: pass a local folder as the model"),
-    "--hf-config-path": ("value", ("no model hub here: the model folder's config.json is read (change its fields "
-                                   "with --hf-overrides)")),
-    "--enable-lora": ("bool", _NO_LORA),
-    "--lora-modules": ("values", _NO_LORA),
-    "--max-loras": ("value", "LoRA adapters are not supported yet"),
-    "--max-lora-rank": ("value", "LoRA adapters are not supported yet"),
-    "--lora-dtype": ("value", "LoRA adapters are not supported yet"),
-    "--max-cpu-loras": ("value", "LoRA adapters are not supported yet"),
-    "--fully-sharded-loras": ("bool", "LoRA adapters are not supported yet"),
-    "--lora-target-modules": ("values", "LoRA adapters are not supported yet"),
-    "--default-mm-loras": ("value", "LoRA adapters are not supported yet"),
-    "--enable-tower-connector-lora": ("bool", "LoRA adapters are not supported yet"),
-    "--specialize-active-lora": ("bool", "LoRA adapters are not supported yet"),
-    "--enable-mixed-moe-lora-format": ("bool", "LoRA adapters are not supported yet"),
-    "--enable-moe-shared-loras": ("bool", "LoRA adapters are not supported yet"),
-    "--limit-mm-per-prompt": ("value", _NO_MULTIMODAL),
-    "--mm-processor-kwargs": ("value", _NO_MULTIMODAL),
-    "--allowed-local-media-path": ("value", _NO_MULTIMODAL),
-    "--allowed-media-domains": ("values", _NO_MULTIMODAL),
-    "--enable-mm-embeds": ("bool", _NO_MULTIMODAL),
-    "--mm-encoder-only": ("bool", _NO_MULTIMODAL),
-    "--ec-transfer-config": ("value", "encoder-cache transfer is for multimodal models: " + _NO_MULTIMODAL),
-    "--enable-prompt-embeds": ("bool", "prompt embeddings are not supported (text and token-id prompts are)"),
-    "--pooler-config": ("value", _NO_POOLING),
-    "--diffusion-config": ("value", "diffusion language models are not supported"),
-    "--swap-space": ("value", ("not supported: vLLM's V1 engine swaps nothing (it preempts by recompute, as "
-                               "meshserve does by default); for a CPU tier that preempted sequences swap to, use "
-                               "--kv-offloading-size GiB --preemption-mode swap")),
-    "--cpu-offload-gb": ("value", _NO_OFFLOAD),
-    "--cpu-offload-params": ("values", _NO_OFFLOAD),
-    "--offload-params": ("values", _NO_OFFLOAD),
-    "--headless": ("switch", "not supported: a node without the API server is --nnodes N --node-rank R (R > 0)"),
-    "--grpc": ("switch", "not supported: meshserve serves the OpenAI API over HTTP only"),
-    "--enable-ssl-refresh": ("bool", "not supported: certificates are read once at start (restart for new ones)"),
-    "--middleware": ("values", "not supported: meshserve imports no ASGI middleware (put a proxy in front)"),
-    "--tool-parser-plugin": ("value", ("not supported: meshserve imports no parser plugins (choose a "
-                                       "--tool-call-parser)")),
-    "--tool-server": ("value", ("not supported: /v1/responses has no built-in tools (MCP or demo tool servers); "
-                                "pass function tools in the request")),
-    "--enable-per-request-metrics": ("bool", ("not supported: responses carry no timings (see /metrics and "
-                                              "--request-log)")),
-    "--enable-server-load-tracking": ("bool", "not supported: there is no /load endpoint (see /metrics)"),
-    "--enable-tokenizer-info-endpoint": ("bool", ("not supported: there is no /tokenizer_info endpoint (/tokenize "
-                                                  "and /detokenize are served)")),
-    "--tokens-only": ("bool", ("not supported: vLLM's tokens-in/tokens-out endpoint is not served (token-id "
-                               "prompts work on /v1/completions)")),
-    "--enable-return-routed-experts": ("bool", "not supported: outputs carry no MoE routing"),
-    "--compilation-config": ("value", ("not supported: meshserve does not torch.compile; its CUDA graphs are "
-                                       "--enforce-eager and --max-cudagraph-tokens")),
-    "--otlp-traces-endpoint": ("value", "OpenTelemetry tracing is not supported (see /metrics and --request-log)"),
-    "--quantization-config": ("value", ("not supported: online quantization specs; use --quantization (fp8: online "
-                                        "fp8 from 16-bit weights)")),
-    "--override-attention-dtype": ("value", ("not supported: attention runs in --dtype (the cache in "
-                                             "--kv-cache-dtype)")),
-    "--disable-sliding-window": ("bool", ("not supported: a model's sliding window is applied as its config sets it "
-                                          "(cap the context with --max-model-len)")),
-    "--skip-tokenizer-init": ("bool", ("not supported: the tokenizer is always loaded (token-id prompts still work); "
-                                       "a model folder without one takes --tokenizer FOLDER")),
-    "--enable-sleep-mode": ("bool", ("not supported: no sleep / wake_up (the engine keeps its GPU memory until it "
-                                     "stops)")),
-    "--kv-cache-memory-bytes": ("value", ("not supported: size the KV cache with --gpu-memory-utilization or "
-                                          "--num-gpu-blocks-override")),
-    "--calculate-kv-scales": ("bool", ("not supported: fp8 KV cache scales are 1.0 or the checkpoint's "
-                                       "k_scale / v_scale")),
-    "--kv-cache-dtype-skip-layers": ("values", "not supported: --kv-cache-dtype applies to every layer"),
-    "--kv-events-config": ("value", "not supported: no KV cache events are published"),
-    "--weight-transfer-config": ("value", ("not supported: weights are loaded once at start (no updates while "
-                                           "serving)")),
-    "--reasoning-config": ("value", ("not supported: no thinking_token_budget (reasoning output is split by "
-                                     "--reasoning-parser)")),
-    "--model-class-overrides": ("value", ("not supported: meshserve imports no model classes (it implements the "
-                                          "architectures)")),
-    "--logits-processors": ("values", ("not supported: meshserve imports no logits processors (requests may pass "
-                                       "logit_bias)")),
-    "--io-processor-plugin": ("value", "not supported: meshserve imports no IO processor plugins"),
-    "--scheduler-cls": ("value", "not supported: meshserve imports no scheduler classes (see --scheduling-policy)"),
-    "--device-ids": ("value", "not supported: choose the GPUs with CUDA_VISIBLE_DEVICES (one GPU: --device cuda:N)"),
-    "--enable-elastic-ep": ("bool", "not supported: the expert-parallel layout is fixed at start (-ep with -tp)"),
-    "--data-parallel-rank": ("value", _DP_ONE_NODE),
-    "--data-parallel-start-rank": ("value", _DP_ONE_NODE),
-    "--data-parallel-address": ("value", _DP_ONE_NODE),
-    "--data-parallel-rpc-port": ("value", _DP_ONE_NODE),
-    "--data-parallel-hybrid-lb": ("bool", _DP_ONE_NODE),
-    "--data-parallel-external-lb": ("bool", _DP_ONE_NODE),
-    "--data-parallel-multi-port-external-lb": ("switch", _DP_ONE_NODE),
-}
-# refused flags' vLLM defaults, which ask for nothing and pass (a vLLM script often spells its defaults out); so
-# do a "bool" flag's --no-x, and an empty value
-_ASKS_FOR_NOTHING = {"--cpu-offload-gb": ("0", "0.0"), "--max-loras": ("1",), "--max-lora-rank": ("16",),
-                     "--lora-dtype": ("auto",), "--swap-space": ("0", "0.0")}
-# flag -> (the values that ask for what meshserve does, refused otherwise with why); each a "value" flag
-_REFUSED_UNLESS: dict[str, tuple[tuple[str, ...], str]] = {
-    "--logprobs-mode": (("raw_logprobs",), "logprobs are those of the raw logits (raw_logprobs, vLLM's default)"),
-    "--convert": (("auto", "none"), _NO_POOLING),
-    "--config-format": (("auto", "hf"), "the model folder's Hugging Face config.json is read (auto, hf)"),
-    "--model-impl": (("auto", "vllm"), "meshserve runs its own implementation of each architecture (auto)"),
-    "--worker-cls": (("auto",), "meshserve imports no worker classes"),
-    "--worker-extension-cls": (("",), "meshserve imports no worker classes"),
-    "--reasoning-parser-plugin": (("",), "meshserve imports no parser plugins (choose a --reasoning-parser)"),
-    "--decode-context-parallel-size": (("1",), _NO_CONTEXT_PARALLEL),
-    "--prefill-context-parallel-size": (("1",), _NO_CONTEXT_PARALLEL),
-    "--data-parallel-size-local": ((), _DP_ONE_NODE),  # accepted equal to --data-parallel-size
-    "--offload-backend": (("auto",), _NO_OFFLOAD),
-    "--offload-group-size": (("0",), _NO_OFFLOAD),
-    "--offload-num-in-group": (("1",), _NO_OFFLOAD),
-    "--offload-prefetch-step": (("1",), _NO_OFFLOAD),
-}
-# vLLM's server-only flags (not LLM(...) keywords) that change no answer here, with why; the engine's are
-# vllm_values.NO_OP_ARGS
-_SERVER_NO_OP = {
-    "log_config_file": "meshserve configures its own logging (meshserve --log-level, --uvicorn-log-level)",
-    "enable_log_deltas": "--enable-log-outputs logs each finished output whole",
-    "log_error_stack": "logging detail only",
-    "fingerprint_mode": "responses carry system_fingerprint null (vLLM's none)",
-    "fingerprint_value": "responses carry system_fingerprint null (vLLM's none)",
-    "data_parallel_supervisor_port": "only for --data-parallel-multi-port-external-lb (refused)",
-    "dp_supervisor_probe_interval_s": "only for --data-parallel-multi-port-external-lb (refused)",
-    "dp_supervisor_probe_timeout_s": "only for --data-parallel-multi-port-external-lb (refused)",
-    "dp_supervisor_probe_failure_threshold": "only for --data-parallel-multi-port-external-lb (refused)",
-    "h11_max_incomplete_event_size": "uvicorn's own HTTP parser limits apply",
-    "h11_max_header_count": "uvicorn's own HTTP parser limits apply",
-    "enable_offline_docs": "/docs loads its scripts from FastAPI's CDN",
-    "enable_flash_late_interaction": "only for late-interaction pooling models: " + _NO_POOLING,
-}
-# every no-op flag and its kind; why: NO_OP_ARGS or _SERVER_NO_OP under its name
-_NO_OP: dict[str, str] = {
-    "--log-config-file": "value", "--enable-log-deltas": "bool", "--log-error-stack": "bool",
-    "--fingerprint-mode": "value", "--fingerprint-value": "value", "--data-parallel-supervisor-port": "value",
-    "--dp-supervisor-probe-interval-s": "value", "--dp-supervisor-probe-timeout-s": "value",
-    "--dp-supervisor-probe-failure-threshold": "value", "--h11-max-incomplete-event-size": "value",
-    "--h11-max-header-count": "value", "--enable-offline-docs": "bool", "--enable-flash-late-interaction": "bool",
-    "--structured-outputs-config": "value",
-    "--allow-deprecated-quantization": "bool", "--use-fp64-gumbel": "bool", "--disable-cascade-attn": "bool",
-    "--enable-cumem-allocator": "bool", "--renderer-num-workers": "value", "--language-model-only": "bool",
-    "--additional-config": "value",
-    "--safetensors-load-strategy": "value", "--safetensors-prefetch-num-threads": "value",
-    "--safetensors-prefetch-block-size": "value", "--model-loader-extra-config": "value",
-    "--use-tqdm-on-load": "bool", "--pt-load-map-location": "value", "--max-parallel-loading-workers": "value",
-    "--ignore-patterns": "values",
-    "--attention-backend": "value", "--attention-config": "value", "--moe-backend": "value",
-    "--linear-backend": "value", "--gdn-prefill-backend": "value", "--mamba-backend": "value",
-    "--kernel-config": "value", "--ir-op-priority": "value", "--enable-flashinfer-autotune": "bool",
-    "--enable-bf16x3-router-gemm": "bool", "--all2all-backend": "value", "--dcp-comm-backend": "value",
-    "--optimization-level": "value", "--cudagraph-capture-sizes": "values", "--max-cudagraph-capture-size": "value",
-    "--performance-mode": "value",
-    "--prefix-caching-hash-algo": "value", "--prefix-match-unit": "value", "--max-num-scheduled-tokens": "value",
-    "--max-num-partial-prefills": "value", "--max-long-partial-prefills": "value",
-    "--long-prefill-token-threshold": "value", "--scheduler-reserve-full-isl": "bool", "--watermark": "value",
-    "--prefill-schedule-interval": "value", "--stream-interval": "value",
-    "--numa-bind": "bool", "--numa-bind-nodes": "values", "--numa-bind-cpus": "values",
-    "--enable-ep-weight-filter": "bool", "--enable-dbo": "bool", "--ubatch-size": "value",
-    "--dbo-decode-token-threshold": "value", "--dbo-prefill-token-threshold": "value",
-    "--disable-nccl-for-dp-synchronization": "bool", "--enable-eplb": "bool", "--eplb-config": "value",
-    "--expert-placement-strategy": "value", "--ray-workers-use-nsight": "bool",
-    "--dcp-kv-cache-interleave-size": "value", "--cp-kv-cache-interleave-size": "value",
-    "--cpu-distributed-timeout-seconds": "value",
-    "--media-io-kwargs": "value", "--mm-processor-cache-gb": "value", "--mm-processor-cache-type": "value",
-    "--mm-shm-cache-max-object-size-mb": "value", "--mm-encoder-tp-mode": "value",
-    "--mm-encoder-attn-backend": "value", "--mm-encoder-attn-dtype": "value", "--mm-encoder-fp8-scale-path": "value",
-    "--mm-encoder-fp8-scale-save-path": "value", "--mm-encoder-fp8-scale-save-margin": "value",
-    "--interleave-mm-strings": "bool", "--skip-mm-profiling": "bool", "--video-pruning-rate": "value",
-    "--mm-tensor-ipc": "value", "--mm-ipc-gpu-memory-gb": "value", "--disable-chunked-mm-input": "bool",
-    "--enable-mamba-cache-stochastic-rounding": "bool", "--mamba-cache-philox-rounds": "value",
-    "--mamba-cache-dtype": "value", "--mamba-ssm-cache-dtype": "value", "--mamba-block-size": "value",
-    "--mamba-cache-mode": "value", "--disable-hybrid-kv-cache-manager": "bool", "--kv-sharing-fast-prefill": "bool",
-    "--show-hidden-metrics-for-version": "value", "--collect-detailed-traces": "values", "--kv-cache-metrics": "bool",
-    "--kv-cache-metrics-sample": "value", "--cudagraph-metrics": "bool", "--enable-mfu-metrics": "bool",
-    "--enable-logging-iteration-details": "bool", "--enable-layerwise-nvtx-tracing": "bool",
-    "--jit-monitor-mode": "value", "--jit-monitor-verbose": "bool", "--profiler-config": "value",
-    "--aggregate-engine-logging": "switch", "--fail-on-environ-validation": "bool",
-}
-# vLLM's short names of the flags above
-_SHORT = {"--compilation-config": "-cc", "--attention-config": "-ac", "--diffusion-config": "-dc",
-          "--optimization-level": "-O", "--decode-context-parallel-size": "-dcp",
-          "--prefill-context-parallel-size": "-pcp", "--data-parallel-rank": "-dpn",
-          "--data-parallel-start-rank": "-dpr", "--data-parallel-size-local": "-dpl",
-          "--data-parallel-address": "-dpa", "--data-parallel-rpc-port": "-dpp", "--data-parallel-hybrid-lb": "-dph",
-          "--data-parallel-external-lb": "-dpe", "--data-parallel-multi-port-external-lb": "-dpm"}
-# vLLM's other names of meshserve's own flags (the same argparse action: the same dest, default and check)
-_ALIASES = {"--nnodes": "-n", "--node-rank": "-r", "--speculative-config": "-sc",
-            "--distributed-timeout-s": "--distributed-timeout-seconds"}
-# meshserve's on-switches that vLLM pairs with --no-x (argparse's BooleanOptionalAction)
-_NEGATABLE = ("--trust-request-chat-template", "--return-tokens-as-token-ids", "--enable-auto-tool-choice",
-              "--exclude-tools-when-tool-choice-none", "--enable-prompt-tokens-details",
-              "--enable-force-include-usage", "--enable-request-id-headers", "--enable-log-requests",
-              "--enable-log-outputs",
-              "--disable-uvicorn-access-log", "--allow-credentials", "--disable-fastapi-docs",
-              "--trust-remote-code", "--enforce-eager", "--enable-expert-parallel", "--disable-custom-all-reduce")
-# vLLM's shorthands of --speculative-config keys
-_SPEC_SHORTHANDS = {"--spec-method": "method", "--spec-model": "model", "--spec-tokens": "num_speculative_tokens"}
-
 
 def _name(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
@@ -283,7 +88,7 @@ def _name(flag: str) -> str:
 
 def no_op_reason(flag: str) -> str:
     name = _name(flag)
-    return NO_OP_ARGS.get(name) or _SERVER_NO_OP[name]
+    return NO_OP_ARGS.get(name) or SERVER_NO_OP[name]
 
 
 class _Negation(argparse.Action):
@@ -307,8 +112,8 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(
         "vLLM compatibility",
         "vLLM's names for what meshserve does the same way. Refused, with what to use instead: "
-        + ", ".join([*_REFUSED, *_REFUSED_UNLESS]) + f". Taken with no effect (each logged, with why): "
-        f"{len(_NO_OP)} more that only tune what meshserve has no counterpart for (kernels, compilation, "
+        + ", ".join([*REFUSED, *REFUSED_UNLESS]) + f". Taken with no effect (each logged, with why): "
+        f"{len(NO_OP)} more that only tune what meshserve has no counterpart for (kernels, compilation, "
         "weight loading, scheduling, metrics and logging, multimodal and hybrid models).")
     g.add_argument("--config", dest="config_file", default=None, metavar="FILE",
                    help="YAML of `flag-name: value` lines (serve/config_file.py); command-line flags win")
@@ -383,24 +188,24 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
                    action="store_true", help="same as --engine-in-thread")
     g.add_argument("--disable-log-stats", action="store_true",
                    help=f"no-op: {NO_OP_ARGS['disable_log_stats']}")
-    for flag, kind in [*((f, k) for f, (k, _) in _REFUSED.items()), *((f, "value") for f in _REFUSED_UNLESS),
-                       *_NO_OP.items()]:
+    for flag, kind in [*((f, k) for f, (k, _) in REFUSED.items()), *((f, "value") for f in REFUSED_UNLESS),
+                       *NO_OP.items()]:
         _add_flag(g, flag, kind)
-    for flag, key in _SPEC_SHORTHANDS.items():
+    for flag, key in SPEC_SHORTHANDS.items():
         g.add_argument(flag, dest=_dest(flag), type=int if flag == "--spec-tokens" else None, default=None,
                        help=f"--speculative-config's {key} (vLLM's shorthand)")
-    for flag, alias in _ALIASES.items():  # vLLM's other names of meshserve's own flags: the same action
+    for flag, alias in ALIASES.items():  # vLLM's other names of meshserve's own flags: the same action
         action = parser._option_string_actions[flag]
         parser._option_string_actions[alias] = action
         action.option_strings.append(alias)
-    for flag in _NEGATABLE:
+    for flag in NEGATABLE:
         target = parser._option_string_actions[flag]
         g.add_argument("--no-" + flag[2:], action=_Negation, target=target.dest, help=argparse.SUPPRESS)
 
 
 def _add_flag(g, flag: str, kind: str) -> None:
     """A vLLM flag refused or taken as a no-op: its own dest (None unless given), no --help line of its own."""
-    names = [flag, *([_SHORT[flag]] if flag in _SHORT else [])]
+    names = [flag, *([SHORT[flag]] if flag in SHORT else [])]
     if kind == "switch":
         g.add_argument(*names, dest=_dest(flag), action="store_true", default=None, help=argparse.SUPPRESS)
     elif kind == "bool":
@@ -414,9 +219,9 @@ def _add_flag(g, flag: str, kind: str) -> None:
 
 def vllm_keyword_flag(name: str) -> str | None:
     """The flag that one of vLLM's LLM(...) keywords this module treats (refused, or a no-op) stands for; None for
-    any other name. Server-only no-ops (_SERVER_NO_OP) are no LLM(...) keywords: vLLM's LLM takes none of them."""
+    any other name. Server-only no-ops (SERVER_NO_OP) are no LLM(...) keywords: vLLM's LLM takes none of them."""
     flag = "--" + name.replace("_", "-")
-    return flag if flag in _REFUSED or flag in _REFUSED_UNLESS or name in NO_OP_ARGS else None
+    return flag if flag in REFUSED or flag in REFUSED_UNLESS or name in NO_OP_ARGS else None
 
 
 def _as_flag_value(value: Any) -> Any:
@@ -442,12 +247,12 @@ def vllm_flag_treatment(flag: str, value: Any, data_parallel_size: int = 1, *, k
         label, shown = f"LLM({name}=...)", f"LLM({name}={value!r})"
     else:
         label, shown = flag, f"{flag} {value}"
-    if flag in _REFUSED:
-        if value not in (None, False, "", []) and value not in _ASKS_FOR_NOTHING.get(flag, ()):
-            raise InvalidArgumentError(f"{label}: {_REFUSED[flag][1]}", param=name)
+    if flag in REFUSED:
+        if value not in (None, False, "", []) and value not in ASKS_FOR_NOTHING.get(flag, ()):
+            raise InvalidArgumentError(f"{label}: {REFUSED[flag][1]}", param=name)
         return None
-    if flag in _REFUSED_UNLESS:
-        accepted, why = _REFUSED_UNLESS[flag]
+    if flag in REFUSED_UNLESS:
+        accepted, why = REFUSED_UNLESS[flag]
         if flag == "--data-parallel-size-local":
             accepted = (str(data_parallel_size),)
         if value is not None and value not in accepted:
@@ -465,7 +270,7 @@ def apply_vllm_compat(ns: argparse.Namespace) -> None:
         from meshserve.serve.config_file import merge_config_file
 
         merge_config_file(ns, ns.serve_parser, ns.config_file, getattr(ns, "argv", None))
-    for flag in (*_REFUSED, *_REFUSED_UNLESS, *_NO_OP):  # every refusal before any no-op is logged
+    for flag in (*REFUSED, *REFUSED_UNLESS, *NO_OP):  # every refusal before any no-op is logged
         value = getattr(ns, _dest(flag))
         why = vllm_flag_treatment(flag, value, ns.data_parallel_size)
         if why is not None:  # a no-op given: --no-x is False
@@ -542,7 +347,7 @@ def _check_structured_outputs_config(text: str | None, label: str = "--structure
 def _fold_spec_shorthands(ns: argparse.Namespace) -> None:
     """--spec-method / --spec-model / --spec-tokens into --speculative-config's JSON, as vLLM merges them (a key
     given both ways is an error). The shorthands are then cleared, so a rebuilt command line gives them once."""
-    given = {key: getattr(ns, _dest(flag)) for flag, key in _SPEC_SHORTHANDS.items()
+    given = {key: getattr(ns, _dest(flag)) for flag, key in SPEC_SHORTHANDS.items()
              if getattr(ns, _dest(flag)) is not None}
     if not given:
         return
@@ -554,7 +359,7 @@ def _fold_spec_shorthands(ns: argparse.Namespace) -> None:
             config = None
     if not isinstance(config, dict):
         raise InvalidArgumentError("--speculative-config: expected a JSON object", param="speculative_config")
-    for flag, key in _SPEC_SHORTHANDS.items():
+    for flag, key in SPEC_SHORTHANDS.items():
         if key in given and key in config:
             raise InvalidArgumentError(f"{flag} and --speculative-config's {key!r} are mutually exclusive",
                                        param=_name(flag))

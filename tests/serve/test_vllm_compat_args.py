@@ -15,18 +15,13 @@ import httpx
 import pytest
 
 from meshserve.cli import build_parser, main
-from meshserve.errors import InvalidArgumentError
-from meshserve.engine.chat_template import render_chat
 from meshserve.engine.chat_content_format import resolve_content_format, with_content_format
+from meshserve.engine.chat_template import render_chat
+from meshserve.errors import InvalidArgumentError
 from meshserve.router.launcher import argv_from_namespace
 from meshserve.serve.cli import serve_config_from
-from meshserve.serve.vllm_compat_args import (
-    _NO_OP,
-    _REFUSED,
-    _REFUSED_UNLESS,
-    apply_vllm_compat,
-    no_op_reason,
-)
+from meshserve.serve.vllm_compat_args import apply_vllm_compat, no_op_reason
+from meshserve.serve.vllm_flag_tables import NO_OP, REFUSED, REFUSED_UNLESS
 from tests.serve.conftest import MODEL, make_engine, serve_in_thread, start_server
 
 TEMPLATE = ("{% if tools %}[tools]\n{% endif %}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
@@ -275,8 +270,8 @@ def _refused_argv(flag: str, kind: str) -> list[str]:
 
 
 @pytest.mark.parametrize("argv,message", [
-    *[(_refused_argv(flag, kind), f"{flag}: ") for flag, (kind, _) in _REFUSED.items()],
-    *[(["serve", MODEL, flag, "x"], f"{flag} x: ") for flag in _REFUSED_UNLESS],
+    *[(_refused_argv(flag, kind), f"{flag}: ") for flag, (kind, _) in REFUSED.items()],
+    *[(["serve", MODEL, flag, "x"], f"{flag} x: ") for flag in REFUSED_UNLESS],
     (["serve", "--hf-token", "hf_abc"], "--hf-token: meshserve downloads nothing"),
     (["serve", "-dcp", "2"], "--decode-context-parallel-size 2: context parallelism is not supported"),
     (["serve", "-dpl", "2"], "--data-parallel-size-local 2: not supported"),
@@ -621,9 +616,9 @@ def test_every_vllm_serve_flag_is_known(argv, capsys):
 
 
 def test_each_vllm_flag_has_one_treatment_and_a_reason():
-    refused, no_op = set(_REFUSED) | set(_REFUSED_UNLESS), set(_NO_OP)
+    refused, no_op = set(REFUSED) | set(REFUSED_UNLESS), set(NO_OP)
     assert not refused & no_op
-    assert all(no_op_reason(flag) for flag in _NO_OP)
+    assert all(no_op_reason(flag) for flag in NO_OP)
     listed = {argv[0] for argv in _vllm_flags()}
     assert refused - {"--swap-space"} <= listed and no_op <= listed  # --swap-space: vLLM before 0.11's
 

@@ -20,6 +20,7 @@ from meshserve.serve.config import ServeConfig
 from meshserve.serve.reasoning import REASONING_PARSERS, get_reasoning_parser
 from meshserve.serve.reasoning.chat import plan_reasoning
 from meshserve.structured.params import StructuredOutputsParams
+from tests.serve.reasoning.chat_stream import joined, stream_choices
 from tests.serve.reasoning.split_check import check_every_split, stream_split
 
 START, END, CALLS = "[THINK]", "[/THINK]", "[TOOL_CALLS]"
@@ -238,23 +239,6 @@ def _chat(url: str, **body) -> dict:
     return r.json()["choices"][0]
 
 
-def _stream(url: str, **body) -> list[dict]:
-    choices = []
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
-                      json={"model": "m", "messages": MESSAGES, "stream": True, **body}) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("role") is None:
-                    choices.append(chunk["choices"][0])
-    return choices
-
-
-def _joined(choices: list[dict], field: str) -> str | None:
-    return "".join(c["delta"].get(field) or "" for c in choices) or None
-
-
 @pytest.mark.parametrize("output,finish", [
     (START + "The user asks about Rome." + END + "\n\nIt is sunny.", "stop"),
     ("It is sunny.", "stop"),
@@ -269,8 +253,8 @@ def test_served_whole_and_streamed(served, output, finish):
     assert engine.params[-1].skip_special_tokens is False
     for per_step in (1, 3):
         engine.say(output, per_step, finish_reason=finish)
-        choices = _stream(url)
-        assert (_joined(choices, "reasoning"), _joined(choices, "content")) == expected
+        choices = stream_choices(url, messages=MESSAGES)
+        assert (joined(choices, "reasoning"), joined(choices, "content")) == expected
         assert not any("THINK]" in (c["delta"].get("reasoning") or "") + (c["delta"].get("content") or "")
                        for c in choices)
         assert choices[-1]["finish_reason"] == finish
@@ -286,8 +270,8 @@ def test_served_tool_call_after_the_thought(served):
     assert [c["function"] for c in choice["message"]["tool_calls"]] == [
         {"name": "get_weather", "arguments": '{"city": "Rome"}'}]
     engine.say(output, 2)
-    choices = _stream(url, tools=[TOOL])
-    assert _joined(choices, "reasoning") == thought and not (_joined(choices, "content") or "").strip()
+    choices = stream_choices(url, messages=MESSAGES, tools=[TOOL])
+    assert joined(choices, "reasoning") == thought and not (joined(choices, "content") or "").strip()
     calls = [tc for c in choices for tc in c["delta"].get("tool_calls") or []]
     assert [tc["function"]["name"] for tc in calls if tc["function"].get("name")] == ["get_weather"]
     assert json.loads("".join(tc["function"].get("arguments") or "" for tc in calls)) == {"city": "Rome"}

@@ -14,6 +14,7 @@ import pytest
 from meshserve.serve.config import ServeConfig
 from tests.reasoning_model import reasoning_tokenizer
 from tests.serve.conftest import start_server
+from tests.serve.reasoning.chat_stream import joined, stream_choices
 from tests.serve.reasoning.scripted_engine import ScriptedLLM
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -52,24 +53,6 @@ def _chat(url: str, **body):
     return r
 
 
-def _stream(url: str, **body) -> list[dict]:
-    """The stream's chunks' first choice (the role chunk left out)."""
-    body = {"model": "m", "messages": [{"role": "user", "content": "Weather in Rome?"}], "stream": True, **body}
-    choices = []
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("role") is None:
-                    choices.append(chunk["choices"][0])
-    return choices
-
-
-def _joined(choices: list[dict], field: str) -> str | None:
-    return "".join(c["delta"].get(field) or "" for c in choices) or None
-
-
 @pytest.mark.parametrize("output,reasoning,content", [
     ("<think>The user asks about Rome.</think>\n\nIt is sunny.", "The user asks about Rome.", "\n\nIt is sunny."),
     ("The user asks.</think>Sunny.", "The user asks.", "Sunny."),  # the template opened the span
@@ -82,8 +65,8 @@ def test_whole_and_streamed(served, output, reasoning, content):
     assert (message.get("reasoning"), message["content"]) == (reasoning, content)
     for per_step in (1, 3):
         engines["qwen3"].say(output, per_step)
-        choices = _stream(urls["qwen3"])
-        assert (_joined(choices, "reasoning"), _joined(choices, "content")) == (reasoning, content)
+        choices = stream_choices(urls["qwen3"])
+        assert (joined(choices, "reasoning"), joined(choices, "content")) == (reasoning, content)
         kinds = [k for c in choices for k in ("reasoning", "content") if c["delta"].get(k)]
         assert kinds == sorted(kinds, key=["reasoning", "content"].index)  # reasoning first, then content
         assert not any("think>" in (c["delta"].get("reasoning") or "") + (c["delta"].get("content") or "")
@@ -96,8 +79,8 @@ def test_thinking_disabled_is_content(served):
     engines["qwen3"].say("It is sunny.")
     body = _chat(urls["qwen3"], chat_template_kwargs={"enable_thinking": False}).json()
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny.", "tool_calls": None}
-    choices = _stream(urls["qwen3"], chat_template_kwargs={"enable_thinking": False})
-    assert (_joined(choices, "reasoning"), _joined(choices, "content")) == (None, "It is sunny.")
+    choices = stream_choices(urls["qwen3"], chat_template_kwargs={"enable_thinking": False})
+    assert (joined(choices, "reasoning"), joined(choices, "content")) == (None, "It is sunny.")
 
 
 def test_include_reasoning_false_leaves_it_out(served):
@@ -105,8 +88,8 @@ def test_include_reasoning_false_leaves_it_out(served):
     engines["qwen3"].say("<think>Hmm.</think>Sunny.")
     message = _chat(urls["qwen3"], include_reasoning=False).json()["choices"][0]["message"]
     assert "reasoning" not in message and message["content"] == "Sunny."
-    choices = _stream(urls["qwen3"], include_reasoning=False)
-    assert (_joined(choices, "reasoning"), _joined(choices, "content")) == (None, "Sunny.")
+    choices = stream_choices(urls["qwen3"], include_reasoning=False)
+    assert (joined(choices, "reasoning"), joined(choices, "content")) == (None, "Sunny.")
 
 
 def test_tool_calls_only_after_the_reasoning(served):
@@ -119,9 +102,9 @@ def test_tool_calls_only_after_the_reasoning(served):
     (call,) = choice["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
 
-    choices = _stream(urls["qwen3"], tools=[TOOL])
-    assert _joined(choices, "reasoning") == thought
-    assert not (_joined(choices, "content") or "").strip()
+    choices = stream_choices(urls["qwen3"], tools=[TOOL])
+    assert joined(choices, "reasoning") == thought
+    assert not (joined(choices, "content") or "").strip()
     calls = [tc for c in choices for tc in c["delta"].get("tool_calls") or []]
     assert calls[0]["function"]["name"] == "get_weather"
     assert "".join(tc["function"].get("arguments") or "" for tc in calls) == '{"city": "Rome"}'
@@ -142,8 +125,8 @@ def test_xml_tool_call_inside_the_thought_ends_it(served):
     assert choice["message"]["reasoning"] == "I will check.\n" and choice["finish_reason"] == "tool_calls"
     assert [c["function"] for c in choice["message"]["tool_calls"]] == [
         {"name": "get_weather", "arguments": '{"city": "Rome"}'}]
-    choices = _stream(urls["coder"], tools=[TOOL])
-    assert _joined(choices, "reasoning") == "I will check.\n"
+    choices = stream_choices(urls["coder"], tools=[TOOL])
+    assert joined(choices, "reasoning") == "I will check.\n"
     calls = [tc for c in choices for tc in c["delta"].get("tool_calls") or []]
     assert calls[0]["function"]["name"] == "get_weather"
     assert json.loads("".join(tc["function"].get("arguments") or "" for tc in calls)) == {"city": "Rome"}
@@ -178,8 +161,8 @@ def test_text_mode_for_a_tokenizer_without_the_tags(served):
     eng.say("Hmm, Rome.</think>Sunny.")
     message = _chat(urls["text"]).json()["choices"][0]["message"]
     assert (message["reasoning"], message["content"]) == ("Hmm, Rome.", "Sunny.")
-    choices = _stream(urls["text"])
-    assert (_joined(choices, "reasoning"), _joined(choices, "content")) == ("Hmm, Rome.", "Sunny.")
+    choices = stream_choices(urls["text"])
+    assert (joined(choices, "reasoning"), joined(choices, "content")) == ("Hmm, Rome.", "Sunny.")
     r = _chat(urls["text"], response_format=SCHEMA)  # no end token to wait for: refused, not constrained early
     assert r.status_code == 400 and "single token" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "response_format"
@@ -196,8 +179,8 @@ def test_completions_and_servers_without_the_flag_are_unchanged(served):
     r = _chat(urls["none"])
     assert b"reasoning" not in r.content
     assert r.json()["choices"][0]["message"]["content"] == "<think>Hmm.</think>Sunny."
-    choices = _stream(urls["none"])
-    assert _joined(choices, "content") == "<think>Hmm.</think>Sunny." and _joined(choices, "reasoning") is None
+    choices = stream_choices(urls["none"])
+    assert joined(choices, "content") == "<think>Hmm.</think>Sunny." and joined(choices, "reasoning") is None
 
 
 def test_structured_answer_after_free_reasoning_end_to_end(tmp_path):
@@ -295,7 +278,7 @@ def test_named_tool_choice_waits_for_the_end_of_reasoning_when_streamed(served):
     engines["qwen3"].say("Still thinking about Rome", finish_reason="length")
     assert _chat(urls["qwen3"], **named).json()["choices"][0]["message"]["tool_calls"] is None
     engines["qwen3"].say("Still thinking about Rome", finish_reason="length")
-    assert not any(c["delta"].get("tool_calls") for c in _stream(urls["qwen3"], **named))
+    assert not any(c["delta"].get("tool_calls") for c in stream_choices(urls["qwen3"], **named))
 
     engines["qwen3"].say('<think>Rome, then.</think>{"city": "Rome"}')
     events = _responses_events(urls["qwen3"], tools=[{"type": "function", **TOOL["function"]}],

@@ -60,3 +60,17 @@ def check_input_file(path: str | None, flag: str) -> None:
         raise InvalidArgumentError(f"{flag} {path}: not a file", param=_param(flag))
     if not os.access(path, os.R_OK):
         raise InvalidArgumentError(f"{flag} {path}: not readable", param=_param(flag))
+
+
+def read_text_file(path: str, what: str, param: str) -> str:
+    """The UTF-8 text of the file at path; a one-line error naming `what` (the flag, or "trace file") when it is
+    missing, unreadable or binary (a UnicodeDecodeError or PermissionError traceback otherwise)."""
+    if not os.path.isfile(path):
+        raise InvalidArgumentError(f"{what}: file not found: {path}", param=param)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{what} {path}: not UTF-8 text ({e.reason})", param=param) from None
+    except OSError as e:
+        raise InvalidArgumentError(f"{what} {path}: cannot read it ({e.strerror or e})", param=param) from None

@@ -13,18 +13,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from meshserve.cli_paths import read_text_file
 from meshserve.errors import InvalidArgumentError
 
 
 def _load(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InvalidArgumentError(f"--config: file not found: {path}", param="config")
-    try:  # a binary or unreadable file was a UnicodeDecodeError (or PermissionError) traceback
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidArgumentError(f"--config {path}: not UTF-8 text ({e.reason})", param="config") from None
-    except OSError as e:
-        raise InvalidArgumentError(f"--config {path}: cannot read it ({e.strerror or e})", param="config") from None
+    text = read_text_file(str(path), "--config", "config")
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:

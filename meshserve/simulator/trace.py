@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meshserve.cli_paths import read_text_file
 from meshserve.errors import InvalidArgumentError
 
 # W3 (../shared/DESIGN.md): 512-token prompts, 128 output tokens.
@@ -142,14 +143,7 @@ def file_trace(path: str | Path) -> Trace:
     "output_len" (or "output_tokens"), optional "prefix_group", "prefix_len"}; timestamps are shifted to
     start at 0."""
     p = Path(path)
-    if not p.is_file():
-        raise InvalidArgumentError(f"trace file not found: {p}", param="trace")
-    try:  # a binary or unreadable file was a UnicodeDecodeError (or PermissionError) traceback
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidArgumentError(f"trace file {p}: not UTF-8 text ({e.reason})", param="trace") from None
-    except OSError as e:
-        raise InvalidArgumentError(f"trace file {p}: cannot read it ({e.strerror or e})", param="trace") from None
+    text = read_text_file(str(p), "--trace", "trace")
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

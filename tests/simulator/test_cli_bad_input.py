@@ -172,7 +172,7 @@ def test_a_trace_or_config_file_that_is_not_text_is_one_line(tmp_path, capsys):
     binary = tmp_path / "t.jsonl"
     binary.write_bytes(b"\xff\xfe\x00bin")
     assert main(["simulate", "--trace", str(binary), "--no-progress"]) == 2
-    assert f"trace file {binary}: not UTF-8 text (invalid start byte)" in capsys.readouterr().err
+    assert f"--trace {binary}: not UTF-8 text (invalid start byte)" in capsys.readouterr().err
     config = tmp_path / "c.toml"
     config.write_bytes(b"\xff\xfe\x00bin")
     with pytest.raises(SystemExit) as exit_:

@@ -26,11 +26,21 @@ def _from_response_format(req: SamplingRequest) -> StructuredOutputsParams | Non
     if not isinstance(spec, dict):
         raise InvalidArgumentError('response_format of type "json_schema" needs a json_schema object',
                                    param="response_format.json_schema")
-    schema = spec.get("schema", {})  # OpenAI: a missing schema means any JSON object
+    if spec.get("schema") is None:  # OpenAI: a missing schema means any JSON object (vLLM 0.26: a 400)
+        return StructuredOutputsParams(json={"type": "object"})
+    schema = spec["schema"]
     if not isinstance(schema, dict):
         raise InvalidArgumentError("response_format.json_schema.schema must be an object",
                                    param="response_format.json_schema.schema")
-    return StructuredOutputsParams(json=schema or {"type": "object"})
+    return StructuredOutputsParams(json=schema)  # {} is any JSON value, as in vLLM (xgrammar's reading)
+
+
+def _params(field: str, **kwargs) -> StructuredOutputsParams:
+    """StructuredOutputsParams of one request field; its errors name that field."""
+    try:
+        return StructuredOutputsParams(**kwargs)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(str(e), param=field) from None
 
 
 def structured_outputs_of(req: SamplingRequest) -> StructuredOutputsParams | None:
@@ -41,14 +51,14 @@ def structured_outputs_of(req: SamplingRequest) -> StructuredOutputsParams | Non
         found.append(("response_format", rf))
     if req.structured_outputs is not None:
         so = req.structured_outputs
-        found.append(("structured_outputs", StructuredOutputsParams(
-            json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object,
-            structural_tag=so.structural_tag)))
+        found.append(("structured_outputs", _params("structured_outputs", json=so.json_, regex=so.regex,
+                                                    choice=so.choice, grammar=so.grammar, json_object=so.json_object,
+                                                    structural_tag=so.structural_tag)))
     for name, kwargs in (("guided_json", {"json": req.guided_json}), ("guided_regex", {"regex": req.guided_regex}),
                          ("guided_choice", {"choice": req.guided_choice}),
                          ("guided_grammar", {"grammar": req.guided_grammar})):
         if next(iter(kwargs.values())) is not None:
-            found.append((name, StructuredOutputsParams(**kwargs)))
+            found.append((name, _params(name, **kwargs)))
     if not found:
         return None
     if len(found) > 1:

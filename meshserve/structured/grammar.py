@@ -92,6 +92,134 @@ def choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+_LARK_RULE = re.compile(r"\s*[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\.-?\d+)?\s*:(?!:)")
+_LARK_TOKEN = re.compile(r"""\s+|"(?:[^"\\\n]|\\.)*"i?|'(?:[^'\\\n]|\\.)*'i?|\.\.|~\s*\d+(?:\s*\.\.\s*\d+)?|"""
+                         r"""[A-Za-z_][A-Za-z0-9_]*|[()|*+?\[\]]|/(?:[^/\\\n]|\\.)+/[a-z]*|.""")
+
+
+def grammar_is_lark(grammar: str) -> bool:
+    """Whether a grammar is Lark's syntax (`rule: ...`), as vLLM guesses it: no line defines a rule with `::=`."""
+    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.split("\n"))
+
+
+def _lark_literal(tok: str) -> str:
+    if tok.endswith("i") and tok[-2] in "'\"":
+        raise ValueError(f"case-insensitive literal {tok} is not supported")
+    body = tok[1:-1]
+    text = body.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in body else body
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _lark_body(body: str) -> str:
+    """One rule's right side in xgrammar's EBNF: quotes as JSON strings, [x] as (x)?, "a".."z" as [a-z], x ~ n as
+    x{n}; regular-expression terminals and other Lark extensions are refused (ValueError)."""
+    out: list[str] = []
+    brackets: list[int] = []
+    for m in _LARK_TOKEN.finditer(body):
+        tok = m.group()
+        if tok.isspace():
+            continue
+        if tok[0] in "'\"":
+            out.append(_lark_literal(tok))
+        elif tok == "..":
+            if not out or not out[-1].startswith('"'):
+                raise ValueError("a range (..) needs a literal on each side")
+            out.append(tok)
+        elif tok.startswith("~"):
+            counts = [c.strip() for c in tok[1:].split("..")]
+            out.append("{" + ",".join(counts) + "}")
+        elif tok == "[":
+            brackets.append(len(out))
+            out.append("(")
+        elif tok == "]":
+            if not brackets:
+                raise ValueError("unbalanced ]")
+            brackets.pop()
+            out.append(")?")
+        elif tok[0] == "/" and len(tok) > 1:
+            raise ValueError(f"regular-expression terminal {tok} is not supported")
+        elif tok[0].isalpha() or tok[0] == "_" or tok in "()|*+?":
+            out.append(tok)
+        else:
+            raise ValueError(f"unexpected {tok!r}")
+    if brackets:
+        raise ValueError("unbalanced [")
+    merged: list[str] = []
+    i = 0
+    while i < len(out):  # "a" .. "z" -> [a-z]
+        if i + 2 < len(out) and out[i + 1] == "..":
+            lo, hi = json.loads(out[i]), json.loads(out[i + 2])
+            if len(lo) != 1 or len(hi) != 1:
+                raise ValueError("a range (..) needs one character on each side")
+            merged.append("[" + "-".join(c if c.isalnum() else "\\u%04x" % ord(c) for c in (lo, hi)) + "]")
+            i += 3
+        else:
+            merged.append(out[i])
+            i += 1
+    return " ".join(merged) if merged else '""'
+
+
+def lark_to_ebnf(grammar: str) -> str:
+    """A Lark grammar (vLLM's guess: no `::=` anywhere) as xgrammar's EBNF, as vLLM converts one for xgrammar:
+    `rule: a | b` and continuation lines starting with `|`, `?rule`/`!rule` prefixes dropped, the root being
+    `start` or else the first rule. Comments (// and #) are dropped; %directives, /regex/ terminals and
+    case-insensitive literals are refused (ValueError)."""
+    if not grammar.strip():
+        raise ValueError("the grammar is empty")
+    rules: dict[str, list[str]] = {}
+    current = None
+    for n, raw in enumerate(grammar.split("\n"), 1):
+        line = _strip_lark_comment(raw).rstrip()
+        if not line.strip():
+            continue
+        try:
+            if line.lstrip().startswith("%"):
+                raise ValueError(f"directive {line.strip().split()[0]} is not supported")
+            m = _LARK_RULE.match(line)
+            if m:
+                current = m.group(1)
+                if current in rules:
+                    raise ValueError(f"rule {current!r} is defined twice")
+                rules[current] = [line[m.end():]]
+            elif line.lstrip().startswith("|") and current is not None:
+                rules[current].append(line.lstrip())
+            else:
+                raise ValueError("expected `name: definition` or a continuation starting with |")
+        except ValueError as e:
+            raise ValueError(f"line {n}: {e}") from None
+    if not rules:
+        raise ValueError("no rules found")
+    root = "start" if "start" in rules else next(iter(rules))
+    lines = [] if root == "root" else [f"root ::= {root}"]
+    for name, parts in rules.items():
+        lines.append(f"{name} ::= {_lark_body(' '.join(parts))}")
+    return "\n".join(lines)
+
+
+def _strip_lark_comment(line: str) -> str:
+    """The line without its // or # comment (outside quotes)."""
+    quote = None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c == "#" or line.startswith("//", i):
+            return line[:i]
+        i += 1
+    return line
+
+
+def grammar_ebnf(grammar: str) -> str:
+    """The request's grammar as xgrammar's EBNF (GBNF-style `root ::= ...`), Lark converted (ValueError)."""
+    return lark_to_ebnf(grammar) if grammar_is_lark(grammar) else grammar
+
+
 def structural_tag_json(spec: str) -> str:
     """xgrammar's structural tag ({"type": "structural_tag", "format": {...}}) of a request's: as given, or
     translated from vLLM's older {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (free text
@@ -158,7 +286,9 @@ def _check(kind: str, spec: str, param: str) -> None:
         elif kind == "choice":
             xgr.Grammar.from_ebnf(choice_ebnf(json.loads(spec)))
         elif kind == "grammar":
-            xgr.Grammar.from_ebnf(spec)
+            if not spec.strip():
+                raise InvalidArgumentError("the grammar is empty", param=param)
+            xgr.Grammar.from_ebnf(grammar_ebnf(spec))
         elif kind == "structural_tag":
             xgr.Grammar.from_structural_tag(structural_tag_json(spec))
     except InvalidArgumentError:
@@ -188,4 +318,4 @@ def compile_structured_outputs(compiler, params: StructuredOutputsParams):
         return compiler.compile_grammar(choice_ebnf(json.loads(spec)))
     if kind == "structural_tag":
         return compiler.compile_structural_tag(structural_tag_json(spec))
-    return compiler.compile_grammar(spec)
+    return compiler.compile_grammar(grammar_ebnf(spec))

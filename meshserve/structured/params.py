@@ -29,6 +29,11 @@ class StructuredOutputsParams:
             self.json = json.dumps(self.json, separators=(",", ":"))  # key order kept: it is the output's
         if isinstance(self.structural_tag, dict):
             self.structural_tag = json.dumps(self.structural_tag, separators=(",", ":"))
+        if self.json_object is False:  # vLLM's rule: an explicit false is a mistake, not "no constraint"
+            raise InvalidArgumentError("json_object must be true if set; omit structured outputs for free text",
+                                       param="structured_outputs")
+        if isinstance(self.json, str) and not self.json.strip():
+            raise InvalidArgumentError("the JSON schema cannot be an empty string", param="structured_outputs")
         given = [k for k in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, k) is not None]
         if self.json_object:
             given.append("json_object")

@@ -20,7 +20,7 @@ BAD = [
     ({"regex": "[a-"}, "Unclosed '['"),
     ({"regex": "(?<=a)b"}, "Lookbehind is not supported"),
     ({"grammar": "root ::= undefined_rule"}, 'Rule "undefined_rule" is not defined'),
-    ({"grammar": "nonsense"}, 'root rule with name "root" is not found'),
+    ({"grammar": "nonsense"}, "expected `name: definition`"),
 ]
 
 

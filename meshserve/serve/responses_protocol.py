@@ -335,10 +335,17 @@ OutputItem = Annotated[OutputMessage | OutputFunctionCall | OutputReasoning, Fie
 class InputTokensDetails(OpenAIModel):
     cached_tokens: int = 0
     cache_write_tokens: int = 0  # OpenAI's explicit cache breakpoints, which this server has none of
+    # vLLM's per-turn counts of its built-in tool loops; empty (as vLLM's for a plain model's one turn)
+    input_tokens_per_turn: list[int] = Field(default_factory=list)
+    cached_tokens_per_turn: list[int] = Field(default_factory=list)
 
 
 class OutputTokensDetails(OpenAIModel):
-    reasoning_tokens: int = 0
+    reasoning_tokens: int = 0  # the output's tokens inside the reasoning span (--reasoning-parser)
+    # vLLM's: the tokens of its built-in tools' outputs, which this server runs none of
+    tool_output_tokens: int = 0
+    output_tokens_per_turn: list[int] = Field(default_factory=list)
+    tool_output_tokens_per_turn: list[int] = Field(default_factory=list)
 
 
 class ResponseUsage(OpenAIModel):
@@ -389,6 +396,15 @@ class ResponseObject(OpenAIModel):
     truncation: Literal["auto", "disabled"] = "disabled"
     previous_response_id: str | None = None
     background: bool = False
+    # echoed as sent, as OpenAI and vLLM do (prompt is refused: always null)
+    reasoning: dict[str, Any] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] = "auto"
+    max_tool_calls: int | None = None
+    prompt: dict[str, Any] | None = None
+    # vLLM's: the penalties the request ran with, and a prefill's KV handle (disaggregated serving)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class ResponseDeleted(OpenAIModel):

@@ -167,12 +167,14 @@ class ResponseEvents:
         self.open_call = None
         index = self._index(item)
         item.status = item_status(incomplete, last=index == len(self.items) - 1)
+        # name: as OpenAI's API reference and vLLM send it (the SDK's type does not list it, and keeps it)
         return [self._event("response.function_call_arguments.done", item_id=item.id, output_index=index,
-                            arguments=item.arguments),
+                            name=item.name, arguments=item.arguments),
                 self._event("response.output_item.done", output_index=index, item=_dump(item))]
 
     # -- the end ---------------------------------------------------------------------------------
-    def finish(self, usage: ResponseUsage, incomplete: bool) -> list[str]:
+    def finish(self, usage: ResponseUsage, incomplete: bool,
+               kv_transfer_params: dict[str, Any] | None = None) -> list[str]:
         """Close what is open and send the whole response. An answer with no item at all still gets its
         (empty) message, as the whole response does; whitespace held back with no call after it was text."""
         space, self.pending_space = self.pending_space, ""  # text() prepends what is pending: pass it once
@@ -180,7 +182,7 @@ class ResponseEvents:
         if not self.items:
             events += self._open_message()
         events += self._close_reasoning(incomplete) + self._close_message(incomplete) + self._close_call(incomplete)
-        response = self.response = finished(self.base, list(self.items), usage, incomplete)
+        response = self.response = finished(self.base, list(self.items), usage, incomplete, kv_transfer_params)
         kind = "response.incomplete" if incomplete else "response.completed"
         return [*events, self._event(kind, response=_dump(response))]
 

@@ -137,7 +137,8 @@ class ResponsesService:
         for k, call in enumerate(calls):
             output.append(function_call_item(call.id, call.function.name, call.function.arguments,
                                              item_status(incomplete, last=k == len(calls) - 1)))
-        return finished(base, output, response_usage(final), incomplete)
+        return finished(base, output, response_usage(final, started.reasoning), incomplete,
+                        final.kv_transfer_params)
 
     async def _stream(self, base: ResponseObject, started: ChatStart, tracker: RequestTracker,
                       conversation: list[InputItem] | None, logprobs: TextLogprobs | None) -> AsyncIterator[str]:
@@ -147,6 +148,7 @@ class ResponsesService:
         calls = ToolCallStream(plan) if plan.mode != "none" else None
         thinking = started.reasoning.stream() if started.reasoning else None
         final: RequestOutput | None = None
+        kv_transfer_params: dict | None = None
         outcome = "abort"
         try:
             for e in events.start():
@@ -154,6 +156,7 @@ class ResponsesService:
             async for out in request:
                 tracker.observe(0, out)
                 final = accumulate(final, out)
+                kv_transfer_params = out.kv_transfer_params or kv_transfer_params  # (accumulate drops it)
                 for c in out.outputs:
                     if logprobs is not None:
                         logprobs.add(c.token_ids, c.logprobs)  # c is this step's delta
@@ -182,7 +185,8 @@ class ResponsesService:
                             yield e
             assert final is not None
             outcome = outcome_of([final])
-            last = events.finish(response_usage(final), final.outputs[0].finish_reason == "length")
+            last = events.finish(response_usage(final, started.reasoning), final.outputs[0].finish_reason == "length",
+                                 kv_transfer_params)
             assert events.response is not None
             self._kept(events.response, conversation)  # before the last event: a client may continue at once
             for e in last:

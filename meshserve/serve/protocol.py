@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 from meshserve.engine.chat_template import text_parts
 
@@ -89,17 +89,18 @@ class StructuredOutputsRequest(OpenAIModel):
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | dict[str, Any] | None = None
-    # vLLM's options of the grammar's JSON: not implemented, so only their defaults are accepted
+    # vLLM's options of the grammar's JSON. meshserve's JSON grammars never allow free whitespace and allow no
+    # properties the schema does not name, so the two disable_* options ask for what it does either way (vLLM's
+    # xgrammar path ignores them per request too); a whitespace_pattern cannot be enforced: refused
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
 
     @model_validator(mode="after")
-    def _default_options_only(self) -> StructuredOutputsRequest:
-        for name in ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server (its JSON grammars allow any whitespace "
-                                 "and, unless the schema says otherwise, additional properties)")
+    def _no_whitespace_pattern(self) -> StructuredOutputsRequest:
+        if self.whitespace_pattern:
+            raise ValueError("whitespace_pattern is not supported by this server (its JSON grammars allow no free "
+                             "whitespace)")
         return self
 
 
@@ -480,17 +481,28 @@ class CompletionLogprobs(OpenAIModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+# Response shapes follow vLLM 0.26's JSON (tests/serve/test_response_shape_parity.py): a whole response carries
+# every field of vLLM's model, null when unused (vLLM sends model_dump()); a stream chunk carries the fields
+# vLLM's handlers set (it sends model_dump_json(exclude_unset=True)), nulls included where vLLM sets them.
 class CompletionChoice(OpenAIModel):
+    """A streamed /v1/completions choice (vLLM's CompletionResponseStreamChoice)."""
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    # with return_token_ids only: absent otherwise, so other clients see OpenAI's shape
-    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
-    prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
     # with prompt_logprobs only (vLLM puts them in each choice of the prompt's completions)
     prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (a stream: in each choice's first chunk)
+    token_ids: list[int] | None = None  # with return_token_ids
+
+
+class CompletionResponseChoice(CompletionChoice):
+    """A whole /v1/completions choice (vLLM's CompletionResponseChoice): prompt_logprobs null when not asked."""
+
+    prompt_logprobs: PromptLogprobs | None = None
+    routed_experts: str | None = None  # vLLM's --enable-return-routed-experts: not supported, always null
 
 
 def _now() -> int:
@@ -502,11 +514,14 @@ class CompletionResponse(OpenAIModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionResponseChoice]
+    service_tier: str | None = None
+    system_fingerprint: str | None = None  # vLLM's --fingerprint-mode none
     usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
     # a prefill leg (kv_transfer_params do_remote_decode): its held KV's handle for the decode leg, as vLLM answers
-    kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
+    kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None  # vLLM's --enable-per-request-metrics: not supported, always null
 
 
 class TopLogprob(OpenAIModel):
@@ -526,9 +541,13 @@ class ChatChoiceLogprobs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: str = "assistant"  # --response-role
     content: str | None = None
-    # with --reasoning-parser only (vLLM's field): absent otherwise, so responses keep OpenAI's shape
-    reasoning: str | None = Field(None, exclude_if=lambda v: v is None)
-    tool_calls: list[ToolCall] | None = None
+    refusal: str | None = None
+    annotations: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: FunctionCall | None = None
+    # absent when there are none (vLLM drops an empty list)
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: not v)
+    reasoning: str | None = None  # with --reasoning-parser (vLLM's field)
 
 
 class DeltaFunctionCall(OpenAIModel):
@@ -549,8 +568,8 @@ class ChatChoice(OpenAIModel):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    # with return_token_ids only: absent otherwise, so other clients see OpenAI's shape
-    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
+    token_ids: list[int] | None = None  # with return_token_ids
+    routed_experts: str | None = None  # vLLM's --enable-return-routed-experts: not supported, always null
 
 
 class ChatCompletionResponse(OpenAIModel):
@@ -559,13 +578,17 @@ class ChatCompletionResponse(OpenAIModel):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatChoice]
+    service_tier: str | None = None
+    system_fingerprint: str | None = None  # vLLM's --fingerprint-mode none
     usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
-    # with prompt_logprobs only (vLLM puts them beside the choices: the prompt is shared)
-    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)
-    prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)  # with return_token_ids
+    # with prompt_logprobs (vLLM puts them beside the choices: the prompt is shared)
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
+    prompt_text: str | None = None  # vLLM's return_prompt_text: not supported, always null
     # a prefill leg (kv_transfer_params do_remote_decode): its held KV's handle for the decode leg, as vLLM answers
-    kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
+    kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None  # vLLM's --enable-per-request-metrics: not supported, always null
 
 
 class ChatDelta(OpenAIModel):
@@ -580,8 +603,17 @@ class ChatChunkChoice(OpenAIModel):
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)  # with return_token_ids: the delta's
+    stop_reason: int | str | None = None  # in the finishing chunk only, as vLLM's
+    token_ids: list[int] | None = None  # with return_token_ids: the delta's (a role chunk has none, as vLLM's)
+
+    @model_serializer(mode="wrap")
+    def _as_vllm_sets_them(self, handler):
+        data = handler(self)
+        if self.finish_reason is None:
+            data.pop("stop_reason", None)
+        if self.delta.role is not None:
+            data.pop("token_ids", None)
+        return data
 
 
 class ChatCompletionChunk(OpenAIModel):
@@ -590,9 +622,18 @@ class ChatCompletionChunk(OpenAIModel):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatChunkChoice]
-    usage: UsageInfo | None = None
-    # with return_token_ids: in the role chunks (each choice's first) only, as vLLM's
-    prompt_token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
+    usage: UsageInfo | None = Field(None, exclude_if=lambda v: v is None)  # with include_usage
+    # with return_token_ids: in the role chunks (each choice's first) only, as vLLM's; null in a role chunk without
+    prompt_token_ids: list[int] | None = None
+    prompt_text: str | None = None  # vLLM's return_prompt_text: not supported, null in a role chunk
+
+    @model_serializer(mode="wrap")
+    def _as_vllm_sets_them(self, handler):
+        data = handler(self)
+        if not any(c.delta.role is not None for c in self.choices):
+            data.pop("prompt_token_ids", None)
+            data.pop("prompt_text", None)
+        return data
 
 
 class CompletionChunk(OpenAIModel):
@@ -601,7 +642,7 @@ class CompletionChunk(OpenAIModel):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
+    usage: UsageInfo | None = Field(None, exclude_if=lambda v: v is None)  # with include_usage
 
 
 # -- tokenizer (vLLM's /tokenize and /detokenize) ---------------------------------------------------
@@ -659,13 +700,32 @@ class DetokenizeResponse(OpenAIModel):
 
 
 # -- models, health, version ------------------------------------------------------------------------
+class ModelPermission(OpenAIModel):
+    """vLLM's fixed permission entry of each model card."""
+
+    id: str = Field(default_factory=lambda: f"modelperm-{uuid.uuid4().hex}")
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=_now)
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(OpenAIModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
     owned_by: str = "meshserve"
     root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
 
 
 class ModelList(OpenAIModel):

@@ -16,6 +16,7 @@ from meshserve.serve.logprobs import completion_logprobs, prompt_logprobs, trim_
 from meshserve.serve.metrics import RequestTracker, ServerMetrics, outcome_of
 from meshserve.serve.protocol import (
     CompletionChoice,
+    CompletionResponseChoice,
     CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
@@ -109,7 +110,7 @@ class CompletionService:
                                   kv_transfer_params=handle)
 
     def _choice(self, req: CompletionRequest, i: int, out: RequestOutput, c: CompletionOutput,
-                echo: _Echo | None) -> CompletionChoice:
+                echo: _Echo | None) -> CompletionResponseChoice:
         generated, positions = ([], []) if req.echo_only else (c.token_ids, list(c.logprobs or []))
         text = (echo.text if echo else "") + ("" if req.echo_only else c.text)
         logprobs = None
@@ -121,11 +122,11 @@ class CompletionService:
                 logprobs = completion_logprobs(c.token_ids, list(c.logprobs or []), as_ids=as_ids)
         scored = (prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs, as_ids)
                   if req.prompt_logprobs is not None else None)
-        return CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                token_ids=list(c.token_ids) if req.return_token_ids else None,
-                                prompt_token_ids=list(out.prompt_token_ids) if req.return_token_ids else None,
-                                prompt_logprobs=scored)
+        return CompletionResponseChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
+                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                        token_ids=list(c.token_ids) if req.return_token_ids else None,
+                                        prompt_token_ids=list(out.prompt_token_ids) if req.return_token_ids
+                                        else None, prompt_logprobs=scored)
 
     # -- stream ----------------------------------------------------------------------------------
     async def _stream(self, req, model, request_id, requests, echoes,

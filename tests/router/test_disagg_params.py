@@ -29,11 +29,11 @@ def test_answers_without_a_handle_for_this_transfer_leave_the_pull_to_ask():
         assert decode_params("t", answer) == PLAIN, answer
 
 
-def test_a_prefill_answer_carries_the_handle_and_others_keep_openais_shape():
+def test_a_prefill_answer_carries_the_handle_and_others_a_null():
     from meshserve.serve.protocol import ChatCompletionResponse, CompletionResponse
 
     handle = {"transfer_id": "t", "remote_rank": 0, "remote_block_ids": [5, 2]}
     for model in (CompletionResponse, ChatCompletionResponse):
         with_handle = json.loads(model(id="x", model="m", choices=[], kv_transfer_params=handle).model_dump_json())
         assert with_handle["kv_transfer_params"] == handle
-        assert "kv_transfer_params" not in json.loads(model(id="x", model="m", choices=[]).model_dump_json())
+        assert json.loads(model(id="x", model="m", choices=[]).model_dump_json())["kv_transfer_params"] is None

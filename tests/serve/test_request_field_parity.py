@@ -129,7 +129,9 @@ TABLE = [
     (CHAT, "mm_processor_kwargs", {"mm_processor_kwargs": {"num_crops": 4}}, REFUSED),
     (CHAT, "structured_outputs", {"structured_outputs": {"choice": ["a", "b"]}}, SAME),
     (CHAT, "structured_outputs", {"structured_outputs": {"json": {"type": "object"},
-                                                         "disable_any_whitespace": True}}, REFUSED),
+                                                         "disable_any_whitespace": True}}, SAME),
+    (CHAT, "structured_outputs", {"structured_outputs": {"json": {"type": "object"},
+                                                         "whitespace_pattern": " *"}}, REFUSED),
     (CHAT, "priority", {"priority": 0}, SAME),
     (CHAT, "priority", {"priority": 3}, REFUSED),  # vLLM too, without --scheduling-policy priority
     (CHAT, "request_id", {"request_id": "parity-chat"}, SAME),

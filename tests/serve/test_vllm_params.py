@@ -120,8 +120,8 @@ def test_prompt_logprobs_equal_the_echo_paths(http):
     n2 = http.post(COMPL, json={**body, "n": 2, "temperature": 1.0, "seed": 1}).json()["choices"]
     assert n2[0]["prompt_logprobs"] == n2[1]["prompt_logprobs"]
     _assert_matches_echo(n2[0]["prompt_logprobs"], PROMPT, _echo_logprobs(http, PROMPT, 2), 2)
-    # without the parameter the choice keeps OpenAI's shape
-    assert "prompt_logprobs" not in http.post(COMPL, json={**body, "prompt_logprobs": None}).json()["choices"][0]
+    # without the parameter: null, as vLLM's whole choice carries it
+    assert http.post(COMPL, json={**body, "prompt_logprobs": None}).json()["choices"][0]["prompt_logprobs"] is None
 
 
 def test_chat_prompt_logprobs_beside_the_choices(http):
@@ -130,7 +130,7 @@ def test_chat_prompt_logprobs_beside_the_choices(http):
     assert out["usage"]["prompt_tokens"] == len(rendered)
     _assert_matches_echo(out["prompt_logprobs"], rendered, _echo_logprobs(http, rendered, 2), 2)
     plain = http.post(CHAT, json={"model": MODEL, "messages": USER, "max_tokens": 2}).json()
-    assert "prompt_logprobs" not in plain
+    assert plain["prompt_logprobs"] is None
 
 
 # -- return_tokens_as_token_ids ---------------------------------------------------------------------

@@ -75,6 +75,12 @@ class ReasoningParser:
             _is_special(tokenizer, t) for t in (self.start_id, self.end_id))
 
     # -- the parser's own rules ------------------------------------------------------------------
+    def reads(self, template_kwargs: dict[str, Any] | None) -> bool:
+        """Whether this request's output is read for reasoning at all; False: it is all content, as written (no
+        tag looked for, a structured output holding from the first token). True unless a parser says otherwise
+        (deepseek_v3: only when thinking is asked for)."""
+        return True
+
     def starts_in_reasoning_by_default(self, template_kwargs: dict[str, Any] | None) -> bool:
         """Where an output starts when the prompt holds no tag: inside the span (both of vLLM's parsers)."""
         return True

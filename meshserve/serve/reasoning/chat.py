@@ -70,10 +70,10 @@ class ChoiceReasoningStream:
 
 async def plan_reasoning(parser: ReasoningParser | None, req: ChatCompletionRequest, prompt_ids: list[int],
                          params: SamplingParams, client: EngineClient) -> ReasoningPlan | None:
-    """The request's reasoning plan (None without a parser); sets what it asks of the engine on params: the
+    """The request's reasoning plan (None without a parser, or where it does not read this request's output); sets what it asks of the engine on params: the
     special tokens kept when the tags are special, the grammar deferred past the reasoning."""
-    if parser is None:
-        return None
+    if parser is None or not parser.reads(req.chat_template_kwargs):
+        return None  # the output is all content, as without a parser
     prompt_text = None if parser.token_mode else await client.decode(prompt_ids)
     in_reasoning = parser.starts_in_reasoning(req.chat_template_kwargs, prompt_ids, prompt_text)
     if parser.keeps_special_tokens:

@@ -118,12 +118,12 @@ def prompts(n: int = 4, length: int = 40) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB) for _ in range(length)] for _ in range(n)]
 
 
-def revisit(path: str, **kwargs) -> tuple[list[list[int]], dict]:
+def revisit(path: str, rounds: int = 2, **kwargs) -> tuple[list[list[int]], dict]:
     """Each prompt alone, twice: 24 GPU blocks of 4 tokens cannot keep a prompt's 10 blocks until it comes back."""
     llm = LLM(model=path, block_size=4, num_gpu_blocks_override=24, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     outs = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids
-            for _ in range(2) for p in prompts()]
+            for _ in range(rounds) for p in prompts()]
     stats = llm.engine.stats()
     llm.shutdown()
     return outs, stats
@@ -221,13 +221,14 @@ def test_weights_rewritten_in_place_read_no_block_of_the_old_ones(model, tmp_pat
     folder = str(shutil.copytree(model, tmp_path / "m"))
     disk = {"kv_offloading_size": gib(6), "kv_offloading_disk_path": str(tmp_path / "kv"),
             "kv_offloading_disk_size": gib(64)}
-    _, cold = revisit(folder, **disk)
-    _, restart = revisit(folder, **disk)  # the same weights read the first run's blocks back
-    assert restart["kv_offload_disk_hits"] > cold["kv_offload_disk_hits"]
+    revisit(folder, **disk)
+    # one round each from here: a first visit of each prompt hits the disk only with an earlier run's blocks (how
+    # many of a run's own blocks are written before its second round comes is the disk threads' timing)
+    _, restart = revisit(folder, rounds=1, **disk)  # the same weights read the first run's blocks back
+    assert restart["kv_offload_disk_hits"] > 0
     (weights,) = [n for n in os.listdir(folder) if n.endswith(".safetensors")]
     os.utime(os.path.join(folder, weights), ns=(10**18, 10**18))
-    _, rewritten = revisit(folder, **disk)
+    _, rewritten = revisit(folder, rounds=1, **disk)
     assert len(os.listdir(tmp_path / "kv")) == 2  # a folder of its own
-    # a cold start again: its second round hits its own first round's blocks, none of the old weights' came back
-    assert rewritten["kv_offload_disk_hits"] == cold["kv_offload_disk_hits"]
+    assert rewritten["kv_offload_disk_hits"] == 0  # a cold start: none of the old weights' blocks came back
     assert rewritten["kv_offload_disk_errors"] == 0

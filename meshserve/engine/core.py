@@ -7,6 +7,7 @@ here: tokenization, detokenization, stop strings and logprob text belong to the 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import functools
@@ -94,14 +95,6 @@ def cache_config_info(config: EngineConfig) -> dict[str, str]:
             "cache_dtype": str(cc.cache_dtype), "num_gpu_blocks_override": str(cc.num_gpu_blocks_override),
             "enable_prefix_caching": str(cc.enable_prefix_caching), "num_gpu_blocks": str(cc.num_blocks),
             "kv_offloading_size": str(cc.kv_offloading_size)}
-
-
-def _bucket_index(value: int, bounds: tuple[int, ...]) -> int:
-    """The histogram bucket value falls in: the first bound >= value (len(bounds): +Inf)."""
-    for i, bound in enumerate(bounds):
-        if value <= bound:
-            return i
-    return len(bounds)
 
 
 def _logprobs_message(info) -> TokenLogprobs:
@@ -523,10 +516,10 @@ class EngineCore:
         n = self._step_prompt_tokens + sum(len(o.new_token_ids) for o in outputs)
         self._step_prompt_tokens = 0
         if joining is not None:
-            self.iteration_tokens[_bucket_index(joining, ITERATION_TOKENS_BUCKETS)] -= 1
+            self.iteration_tokens[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, joining)] -= 1
             self.iteration_tokens[-1] -= joining
             n += joining
-        self.iteration_tokens[_bucket_index(n, ITERATION_TOKENS_BUCKETS)] += 1
+        self.iteration_tokens[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, n)] += 1
         self.iteration_tokens[-1] += n
         self._last_iteration = n
 

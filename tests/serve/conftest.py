@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -96,3 +98,18 @@ def wait_idle(allm: AsyncLLM, timeout: float = 5.0) -> dict:
         if (not allm.engine.requests and stats["kv_cache_usage"] == 0.0) or time.monotonic() > deadline:
             return stats
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def adding_bos(tokenizer) -> Iterator:
+    """tokenizer made to add a BOS (<|endoftext|>, id 0) when asked for special tokens, as Llama's does; put back
+    on exit (it is a shared server's)."""
+    from tokenizers.processors import TemplateProcessing
+
+    backend = tokenizer.backend_tokenizer
+    before = backend.post_processor
+    backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    try:
+        yield tokenizer
+    finally:
+        backend.post_processor = before

@@ -15,7 +15,7 @@ import pytest
 
 from meshserve.engine.chat_content_format import with_content_format
 from meshserve.serve.config import ServeConfig
-from tests.serve.conftest import MODEL, start_server
+from tests.serve.conftest import MODEL, adding_bos, start_server
 
 # loops over the parts where the content is a list, prints a string as it is, and shows a list's length
 LOOPS = ("{% for m in messages %}{{ m['role'] }}"
@@ -89,16 +89,8 @@ def test_with_content_format_is_vllms_conversation():
 
 @pytest.fixture()
 def bos_tokenizer(live):
-    """The live server's tokenizer adding a BOS (<|endoftext|>, id 0) when asked for special tokens, as Llama's."""
-    from tokenizers.processors import TemplateProcessing
-
-    backend = live.allm.tokenizer.backend_tokenizer
-    before = backend.post_processor
-    backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    try:
-        yield live.allm.tokenizer
-    finally:
-        backend.post_processor = before
+    with adding_bos(live.allm.tokenizer) as tokenizer:
+        yield tokenizer
 
 
 def test_add_special_tokens_adds_the_tokenizers_bos_to_the_rendered_prompt(http, live, bos_tokenizer):

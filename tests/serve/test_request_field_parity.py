@@ -16,7 +16,7 @@ from meshserve.serve.protocol import ChatCompletionRequest, CompletionRequest, D
 from meshserve.serve.responses_input import chat_request_of
 from meshserve.serve.responses_protocol import ResponsesRequest
 from meshserve.serve.sampling_params import chat_sampling_params, completion_sampling_params
-from tests.serve.conftest import MODEL, start_server
+from tests.serve.conftest import MODEL, adding_bos, start_server
 from tests.serve.test_bad_inputs import assert_error_shape
 
 CHAT, COMPL, RESP, TOK, DETOK = "/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"
@@ -432,16 +432,8 @@ def test_reasoning_effort_reaches_the_template_as_vllm_hands_it(http):
 
 @pytest.fixture()
 def bos_tokenizer(server):
-    """The tokenizer adding a BOS (<|endoftext|>, id 0) when asked for special tokens, as Llama's."""
-    from tokenizers.processors import TemplateProcessing
-
-    backend = server.allm.tokenizer.backend_tokenizer
-    before = backend.post_processor
-    backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    try:
-        yield server.allm.tokenizer
-    finally:
-        backend.post_processor = before
+    with adding_bos(server.allm.tokenizer) as tokenizer:
+        yield tokenizer
 
 
 def test_completions_add_special_tokens(http, bos_tokenizer):

@@ -105,12 +105,11 @@ def test_function_call_items_and_arguments_done_carry_the_name(http):
 @pytest.fixture(scope="module")
 def reasoning_server(tiny_engine):
     from tests.reasoning_model import reasoning_tokenizer
-    from tests.serve.reasoning.scripted_engine import ScriptedLLM
+    from tests.serve.reasoning.scripted_engine import scripted_server
 
-    engine = ScriptedLLM(tiny_engine, reasoning_tokenizer())
-    srv = start_server(engine, ServeConfig(served_model_names=[MODEL], reasoning_parser="qwen3"))
-    yield srv.base_url, engine
-    srv.stop()
+    with scripted_server(tiny_engine, reasoning_tokenizer(),
+                         ServeConfig(served_model_names=[MODEL], reasoning_parser="qwen3")) as served:
+        yield served
 
 
 @pytest.mark.parametrize("script,thought", [

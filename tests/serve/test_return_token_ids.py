@@ -162,14 +162,12 @@ def reasoning_server(tiny_engine):
     """qwen3's reasoning parser and Hermes tool calls over a scripted output (tests/serve/reasoning)."""
     from meshserve.serve.config import ServeConfig
     from tests.reasoning_model import reasoning_tokenizer
-    from tests.serve.conftest import start_server
-    from tests.serve.reasoning.scripted_engine import ScriptedLLM
+    from tests.serve.reasoning.scripted_engine import scripted_server
 
-    engine = ScriptedLLM(tiny_engine, reasoning_tokenizer())
-    srv = start_server(engine, ServeConfig(served_model_names=["m"], reasoning_parser="qwen3",
-                                           enable_auto_tool_choice=True, tool_call_parser="hermes"))
-    yield srv.base_url, engine
-    srv.stop()
+    with scripted_server(tiny_engine, reasoning_tokenizer(), ServeConfig(
+            served_model_names=["m"], reasoning_parser="qwen3", enable_auto_tool_choice=True,
+            tool_call_parser="hermes")) as served:
+        yield served
 
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {

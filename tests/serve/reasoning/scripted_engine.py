@@ -6,7 +6,9 @@ The sampling params of each request are kept, to see what a request asked of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 from meshserve.outputs import CompletionOutput, RequestOutput
@@ -56,3 +58,17 @@ class ScriptedLLM:
             yield RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=list(prompt_ids),
                                 outputs=[out], finished=last)
             await asyncio.sleep(0)
+
+
+@contextlib.contextmanager
+def scripted_server(real, tokenizer, config) -> Iterator[tuple[str, ScriptedLLM]]:
+    """A server (ServeConfig config) over a ScriptedLLM of the real engine with this tokenizer: (its URL, the
+    engine to script), stopped on exit."""
+    from tests.serve.conftest import start_server
+
+    engine = ScriptedLLM(real, tokenizer)
+    srv = start_server(engine, config)
+    try:
+        yield srv.base_url, engine
+    finally:
+        srv.stop()

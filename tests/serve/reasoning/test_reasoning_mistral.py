@@ -223,14 +223,12 @@ MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "
 
 @pytest.fixture(scope="module")
 def served(tiny_engine):
-    from tests.serve.conftest import start_server
-    from tests.serve.reasoning.scripted_engine import ScriptedLLM
+    from tests.serve.reasoning.scripted_engine import scripted_server
 
-    engine = ScriptedLLM(tiny_engine, mistral_tokenizer())
-    srv = start_server(engine, ServeConfig(served_model_names=["m"], reasoning_parser="mistral",
-                                           enable_auto_tool_choice=True, tool_call_parser="mistral"))
-    yield srv.base_url, engine
-    srv.stop()
+    with scripted_server(tiny_engine, mistral_tokenizer(), ServeConfig(
+            served_model_names=["m"], reasoning_parser="mistral", enable_auto_tool_choice=True,
+            tool_call_parser="mistral")) as served:
+        yield served
 
 
 def _chat(url: str, **body) -> dict:

@@ -107,7 +107,8 @@ def test_chat_stream(http, logprobs):
     assert_shape(role, CHAT_ROLE_CHUNK, "role chunk")
     assert_shape(role["choices"][0], CHAT_ROLE_CHOICE, "role choice")
     assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert middle
+    # a slow client gets the tokens coalesced into fewer chunks (even all in the final one), so middle may be empty
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in (*middle, last))
     for chunk in middle:
         assert_shape(chunk, CHUNK_HEAD, "chunk")
         assert_shape(chunk["choices"][0], CHAT_CHOICE_CHUNK, "choice chunk")

@@ -3,10 +3,11 @@ index, id, type and name (and the arguments written so far, often ""), later del
 fragments; content that may still turn out to be a call waits, and so does leading whitespace (the whole
 response has no content when only whitespace comes before its calls).
 
-Each step re-reads the output written so far (the parsers are cheap and stateless) and sends the
-difference from what this choice has sent. Arguments are the model's own text, so the fragments add up to
-exactly the arguments of the whole response; at the end the whole output is parsed as the whole response
-is, and whatever that adds goes out.
+Each step re-reads the output written so far (the parsers are stateless; their scans resume where the
+last step's stopped, through the text's GrowingText memo, so a call writing a file stays linear) and sends
+the difference from what this choice has sent. Arguments are the model's own text, so the fragments add up
+to exactly the arguments of the whole response; at the end the whole output is parsed as the whole
+response is, and whatever that adds goes out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from meshserve.serve.protocol import DeltaFunctionCall, DeltaToolCall
+from meshserve.serve.tool_parsers.json_spans import GrowingText
 from meshserve.serve.tool_calls import ToolPlan, new_tool_call_id
 
 logger = logging.getLogger(__name__)
@@ -27,9 +29,11 @@ class ToolCallStream:
         self.content_sent = 0
         self.ids: list[str] = []
         self.arguments_sent: list[str] = []
+        self.text: GrowingText | None = None
 
     def step(self, text: str) -> tuple[str | None, list[DeltaToolCall]]:
         """The new content and call deltas of the output so far."""
+        text = self.text = GrowingText.extending(text, self.text)
         found = self.plan.extract_partial(text)
         end = found.content_end
         if not text[:end].strip():  # whitespace alone so far: held, as the whole answer drops it before a call
@@ -43,7 +47,7 @@ class ToolCallStream:
         whose begun call is cut short or followed by a malformed one keeps the calls begun (ToolPlan.extract
         reads it so, as the stream cannot take them back); one that never completed a call's name sends its
         held text as content, as the whole response carries it."""
-        content, calls = self.plan.extract(text)
+        content, calls = self.plan.extract(GrowingText.extending(text, self.text))
         rest = (content or "")[self.content_sent:] or None
         self.content_sent = max(self.content_sent, len(content or ""))
         return rest, self._deltas([(c.function.name, c.function.arguments) for c in calls]), bool(calls)
@@ -51,6 +55,8 @@ class ToolCallStream:
     def _deltas(self, calls: list[tuple[str, str]]) -> list[DeltaToolCall]:
         out = []
         for k, (name, arguments) in enumerate(calls):
+            arguments = str(arguments)  # a plain str: a parser may hand back the GrowingText itself (msgspec
+            # refuses str subclasses)
             if k == len(self.ids):
                 self.ids.append(new_tool_call_id())
                 self.arguments_sent.append(arguments)

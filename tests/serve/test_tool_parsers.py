@@ -259,3 +259,98 @@ def test_qwen3_coder_cut_short_and_lenient_parameters():
     # a function name with "<" in it, or blank, is no function head
     for bad in ("<function=f</tool_call>", "<function= >\n</function>"):
         assert p.extract(bad) == (bad, []), bad
+
+
+# outputs whose scans the stream's memo resumes mid-way: escapes and backslash runs cut at every step size, nested
+# containers, strings holding brackets, a parameter of qwen3_coder's ending by the next one's tag
+RESUMED = {
+    "hermes": ['<tool_call>{"name": "w", "arguments": {"code": "a = \\"}\\\\\\\\\\" + \'[\'\\n", "n": [[1, {"b": "\\\\"}], 2.5e3],'
+               ' "t": true}}</tool_call><tool_call>{"name": "g", "arguments": "{\\"k\\": [1]}"}</tool_call>'],
+    "llama3_json": ['{"name": "w", "parameters": {"s": "\\\\\\"x\\\\", "o": {"p": ["]", "}"]}}}'],
+    "mistral": ['[TOOL_CALLS] [{"name": "w", "arguments": {"s": "q\\"\\\\", "l": [{}, []]}}, {"name": "g", '
+                '"arguments": {}}]'],
+    "qwen3_coder": ["<tool_call>\n<function=get_weather>\n<parameter=city>\nA </parameter> B\n</parameter>\n"
+                    "<parameter=days>\n4\n<parameter=metric>\ntrue\n</parameter>\n</function>\n</tool_call>"],
+}
+
+
+def _step_outputs(plan, text, step):
+    s, out = ToolCallStream(plan), []
+    for end in range(step, len(text), step):
+        content, deltas = s.step(text[:end])
+        out.append((content, [(d.index, d.function.name, d.function.arguments) for d in deltas]))
+    content, deltas, has_calls = s.finish(text)
+    return out + [(content, [(d.index, d.function.name, d.function.arguments) for d in deltas], has_calls)]
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_resumed_scans_stream_what_fresh_scans_do(name, monkeypatch):
+    """The stream's scans resume where the last step's stopped (GrowingText's memo): every step must send
+    what scanning the whole text afresh sends, at every step size."""
+    from meshserve.serve.tool_parsers import json_spans
+
+    plan = ToolPlan("auto", [WEATHER], parser=get_tool_parser(name, [WEATHER]))
+    for text in RESUMED[name]:
+        assert plan.extract(text)[1], text  # the samples are well formed
+        for step in (1, 2, 3, 7):
+            resumed = _step_outputs(plan, text, step)
+            with monkeypatch.context() as m:
+                m.setattr(json_spans.GrowingText, "extending",
+                          classmethod(lambda cls, text, before: json_spans.GrowingText.__new__(cls, text)))
+                m.setattr(json_spans, "scan_memo", lambda text: None)
+                import meshserve.serve.tool_parsers.qwen3_coder as q3
+                m.setattr(q3, "scan_memo", lambda text: None)
+                fresh = _step_outputs(plan, text, step)
+            assert resumed == fresh, (name, step)
+
+
+def test_a_text_that_does_not_extend_the_last_gets_a_fresh_memo():
+    from meshserve.serve.tool_parsers.json_spans import GrowingText, value_end
+
+    first = GrowingText.extending('{"a": "xy', None)
+    assert value_end(first, 0) is None
+    other = GrowingText.extending('{"a": "x"}', first)  # rewritten, not grown: the memo must not carry over
+    assert other.memo is not first.memo and value_end(other, 0) == 10
+    grown = GrowingText.extending('{"a": "xy"} ', first)
+    assert grown.memo is first.memo and value_end(grown, 0) == 11
+
+
+def test_streamed_pieces_are_plain_strings():
+    """A named function's arguments are the whole output: the delta must not carry the stream's GrowingText
+    (msgspec, which encodes stream chunks, refuses str subclasses)."""
+    msgspec = pytest.importorskip("msgspec")
+    plan = ToolPlan("named", [WEATHER], parser=get_tool_parser("hermes", [WEATHER]))
+    from meshserve.serve.tool_calls import _NamedToolParser
+
+    plan.parser = _NamedToolParser("get_weather")
+    s = ToolCallStream(plan)
+    deltas = s.step('{"city": "Rome"')[1] + s.finish('{"city": "Rome"}')[1]
+    for d in deltas:
+        assert type(d.function.arguments) is str
+        msgspec.json.encode(d.function.arguments)
+
+
+def test_a_long_streamed_call_costs_linear_time(monkeypatch):
+    """A tool call writing a file streams thousands of steps; each must read only what is new: counted as
+    the str.find calls of the scans (each jumps to the next quote), not timed. Scanned afresh, every step
+    would find every escaped quote written so far (~1,600 at the end here)."""
+    from meshserve.serve.tool_parsers import json_spans
+
+    code = 'print("a \\"quoted\\" word")\n' * 400
+    text = "<tool_call>" + json.dumps({"name": "w", "arguments": {"code": code}}) + "</tool_call>"
+    plan = ToolPlan("auto", [WEATHER], parser=get_tool_parser("hermes", [WEATHER]))
+    finds = 0
+
+    def counted(self, *args):
+        nonlocal finds
+        finds += 1
+        return str.find(self, *args)
+
+    monkeypatch.setattr(json_spans.GrowingText, "find", counted, raising=False)
+    s, steps, arguments = ToolCallStream(plan), 0, ""
+    for end in range(5, len(text), 5):
+        arguments += "".join(d.function.arguments or "" for d in s.step(text[:end])[1])
+        steps += 1
+    arguments += "".join(d.function.arguments or "" for d in s.finish(text)[1])
+    assert json.loads(arguments) == {"code": code}
+    assert steps <= finds < 12 * steps  # at least the open string's one find a step: the scans did run on it

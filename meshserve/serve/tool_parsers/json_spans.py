@@ -10,6 +10,7 @@ prefix of anything. Validity is checked with json.loads on the finished spans.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 _WS = " \t\r\n"
@@ -31,17 +32,63 @@ def skip_ws(text: str, i: int) -> int:
     return i
 
 
+# The scans below run on every streamed step over the whole output so far (a tool call writing a file is
+# thousands of tokens), so they jump by str.find and regular expressions, not by characters in Python, and a
+# stream's text (GrowingText) carries where the last step's scans stopped, so each step reads only what is new.
+_STRUCTURE = re.compile(r'["{}\[\]]')
+_ATOM = re.compile(r"[^ \t\r\n,}\]]*")
+
+
+class ScanMemo:
+    """Where the scans of a growing text stopped: by a string's or container's start, (True, its end) once
+    closed, else (False, where to go on[, the bracket depth there]). Valid for any text extending the one
+    it was filled on."""
+
+    def __init__(self):
+        self.strings: dict[int, tuple] = {}
+        self.containers: dict[int, tuple] = {}
+        self.pieces: dict[int, tuple] = {}  # a parser's own finished pieces by start (qwen3_coder's parameters)
+
+
+class GrowingText(str):
+    """A stream's output so far with the ScanMemo of the earlier outputs it extends (slices are plain str:
+    the memo never reaches text it was not filled on)."""
+
+    memo: ScanMemo
+
+    @classmethod
+    def extending(cls, text: str, before: GrowingText | None) -> GrowingText:
+        """text, reusing before's memo when text extends it (else a fresh one)."""
+        grown = cls(text)
+        grown.memo = before.memo if before is not None and text.startswith(before) else ScanMemo()
+        return grown
+
+
+def scan_memo(text: str) -> ScanMemo | None:
+    """text's memo when it is a stream's GrowingText."""
+    return text.memo if type(text) is GrowingText else None
+
+
 def _string_end(text: str, i: int) -> int | None:
-    """Index after the string starting at text[i] == '"', None while it is open."""
-    i += 1
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == '"':
-            return i + 1
-        i += 1
+    """Index after the string starting at text[i] == '"', None while it is open: its first quote after an
+    even run of backslashes (text[i] stops the run)."""
+    memo = scan_memo(text)
+    j = i + 1
+    if memo is not None and (seen := memo.strings.get(i)) is not None:
+        if seen[0]:
+            return seen[1]
+        j = seen[1]
+    while (j := text.find('"', j)) >= 0:
+        k = j
+        while text[k - 1] == "\\":
+            k -= 1
+        if (j - k) % 2 == 0:
+            if memo is not None:
+                memo.strings[i] = (True, j + 1)
+            return j + 1
+        j += 1
+    if memo is not None:
+        memo.strings[i] = (False, len(text))  # a quote from here on is judged by the backslashes before it
     return None
 
 
@@ -54,27 +101,37 @@ def value_end(text: str, i: int) -> int | None:
     if c == '"':
         return _string_end(text, i)
     if c in _CLOSERS:
-        depth = 0
-        while i < len(text):
-            c = text[i]
-            if c == '"':
-                end = _string_end(text, i)
-                if end is None:
-                    return None
-                i = end
-                continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return i + 1
-            i += 1
-        return None
-    j = i  # a number or literal ends at a delimiter; at the end of the text it may still grow
-    while j < len(text) and text[j] not in _WS + ",}]":
-        j += 1
+        return _container_end(text, i)
+    j = _ATOM.match(text, i).end()  # a number or literal ends at a delimiter; at the end of the text it may grow
     return j if j < len(text) else None
+
+
+def _container_end(text: str, start: int) -> int | None:
+    memo = scan_memo(text)
+    i, depth = start, 0
+    if memo is not None and (seen := memo.containers.get(start)) is not None:
+        if seen[0]:
+            return seen[1]
+        i, depth = seen[1], seen[2]
+    end = None
+    while (m := _STRUCTURE.search(text, i)) is not None:
+        c, i = m.group(), m.start()
+        if c == '"':
+            string_end = _string_end(text, i)
+            if string_end is None:
+                break  # resume at this string
+            i = string_end
+            continue
+        depth += 1 if c in "{[" else -1
+        i += 1
+        if depth == 0:
+            end = i
+            break
+    else:
+        i = len(text)
+    if memo is not None:
+        memo.containers[start] = (True, end) if end is not None else (False, i, depth)
+    return end
 
 
 @dataclass

@@ -22,8 +22,10 @@ from meshserve.serve.tool_parsers.base import (
     ToolParser,
     held_back,
 )
+from meshserve.serve.tool_parsers.json_spans import scan_memo
 
 CALL_START, FUNCTION, FUNCTION_END, PARAMETER = "<tool_call>", "<function=", "</function>", "<parameter="
+PARAMETER_END = "</parameter>"
 _FUNCTION = re.compile(r"<function=([^<>\n]*[^<>\s][^<>\n]*)>")  # a name with a character other than space
 # a parameter ends at its closing tag, or where the next one begins when the model left it out (as in vLLM)
 _PARAMETER = re.compile(r"<parameter=([^<>\n]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=))", re.DOTALL)
@@ -61,7 +63,18 @@ class Qwen3CoderToolParser(ToolParser):
         value = _typed(raw, self.schemas.get(function, {}).get(key))
         return f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}"
 
+    def _parameter(self, text: str, p: int, e: int, function: str) -> tuple[str, int] | None:
+        """(the JSON member, the index after it) of the parameter at p, before </function> at e (-1: not
+        written yet); None while it is open or when it is malformed."""
+        if e < 0 and text.find(PARAMETER_END, p) < 0 and text.find(PARAMETER, p + len(PARAMETER)) < 0:
+            return None  # no end yet: the regular expression would read the whole open value to say so
+        param = _PARAMETER.match(text, p, e if e >= 0 else len(text))
+        if param is None:
+            return None
+        return self._member(function, param.group(1).strip(), param.group(2)), param.end()
+
     def _calls(self, text: str, start: int) -> tuple[list[ParsedToolCall] | None, list[PartialToolCall]]:
+        memo = scan_memo(text)
         finished: list[ParsedToolCall] | None = []
         partial: list[PartialToolCall] = []
         i = start
@@ -80,15 +93,18 @@ class Qwen3CoderToolParser(ToolParser):
                     if e < 0:
                         return None, partial  # cut short
                     break
-                param = _PARAMETER.match(text, p, e if e >= 0 else len(text))
-                if param is None:
-                    if e < 0:
-                        return None, partial  # still being written
-                    i = p + len(PARAMETER)  # left open before </function>: dropped, as by vLLM
-                    continue
-                members.append(self._member(name, param.group(1).strip(), param.group(2)))
+                if (piece := memo.pieces.get(p) if memo is not None else None) is None:
+                    piece = self._parameter(text, p, e, name)
+                    if piece is None:
+                        if e < 0:
+                            return None, partial  # still being written
+                        i = p + len(PARAMETER)  # left open before </function>: dropped, as by vLLM
+                        continue
+                    if memo is not None:  # the earliest end tag stays the earliest as the text grows
+                        memo.pieces[p] = piece
+                members.append(piece[0])
                 partial[-1].arguments = "{" + ", ".join(members)
-                i = param.end()
+                i = piece[1]
             partial[-1].arguments += "}"
             assert finished is not None
             finished.append(ParsedToolCall(name, partial[-1].arguments))

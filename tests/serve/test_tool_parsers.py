@@ -271,6 +271,8 @@ RESUMED = {
                 '"arguments": {}}]'],
     "qwen3_coder": ["<tool_call>\n<function=get_weather>\n<parameter=city>\nA </parameter> B\n</parameter>\n"
                     "<parameter=days>\n4\n<parameter=metric>\ntrue\n</parameter>\n</function>\n</tool_call>"],
+    "pythonic": ["""[w(code='a(\\'[\\' + "}"', n=[1, (2, {"k": ")"})]), g()]""",
+                 "[w(a=[1)], g()]"],  # the second malformed: a bracket closing the wrong one
 }
 
 
@@ -289,17 +291,15 @@ def test_resumed_scans_stream_what_fresh_scans_do(name, monkeypatch):
     what scanning the whole text afresh sends, at every step size."""
     from meshserve.serve.tool_parsers import json_spans
 
+    real = json_spans.GrowingText.extending
     plan = ToolPlan("auto", [WEATHER], parser=get_tool_parser(name, [WEATHER]))
+    assert plan.extract(RESUMED[name][0])[1]  # the first sample of each is well formed
     for text in RESUMED[name]:
-        assert plan.extract(text)[1], text  # the samples are well formed
         for step in (1, 2, 3, 7):
             resumed = _step_outputs(plan, text, step)
-            with monkeypatch.context() as m:
+            with monkeypatch.context() as m:  # each step's text with a memo of its own: scanned afresh
                 m.setattr(json_spans.GrowingText, "extending",
-                          classmethod(lambda cls, text, before: json_spans.GrowingText.__new__(cls, text)))
-                m.setattr(json_spans, "scan_memo", lambda text: None)
-                import meshserve.serve.tool_parsers.qwen3_coder as q3
-                m.setattr(q3, "scan_memo", lambda text: None)
+                          classmethod(lambda cls, text, before: real(text, None)))
                 fresh = _step_outputs(plan, text, step)
             assert resumed == fresh, (name, step)
 

@@ -47,7 +47,7 @@ class ScanMemo:
     def __init__(self):
         self.strings: dict[int, tuple] = {}
         self.containers: dict[int, tuple] = {}
-        self.pieces: dict[int, tuple] = {}  # a parser's own finished pieces by start (qwen3_coder's parameters)
+        self.pieces: dict[object, tuple] = {}  # a parser's own, by a key of its own (qwen3_coder's parameters)
 
 
 class GrowingText(str):
@@ -69,16 +69,17 @@ def scan_memo(text: str) -> ScanMemo | None:
     return text.memo if type(text) is GrowingText else None
 
 
-def _string_end(text: str, i: int) -> int | None:
-    """Index after the string starting at text[i] == '"', None while it is open: its first quote after an
-    even run of backslashes (text[i] stops the run)."""
+def string_end(text: str, i: int) -> int | None:
+    """Index after the string starting at text[i] (its quote, '"', or "'" for Python's), None while it is
+    open: its first quote after an even run of backslashes (text[i] stops the run)."""
     memo = scan_memo(text)
     j = i + 1
     if memo is not None and (seen := memo.strings.get(i)) is not None:
         if seen[0]:
             return seen[1]
         j = seen[1]
-    while (j := text.find('"', j)) >= 0:
+    quote = text[i]
+    while (j := text.find(quote, j)) >= 0:
         k = j
         while text[k - 1] == "\\":
             k -= 1
@@ -99,7 +100,7 @@ def value_end(text: str, i: int) -> int | None:
         return None
     c = text[i]
     if c == '"':
-        return _string_end(text, i)
+        return string_end(text, i)
     if c in _CLOSERS:
         return _container_end(text, i)
     j = _ATOM.match(text, i).end()  # a number or literal ends at a delimiter; at the end of the text it may grow
@@ -117,10 +118,10 @@ def _container_end(text: str, start: int) -> int | None:
     while (m := _STRUCTURE.search(text, i)) is not None:
         c, i = m.group(), m.start()
         if c == '"':
-            string_end = _string_end(text, i)
-            if string_end is None:
+            closed = string_end(text, i)
+            if closed is None:
                 break  # resume at this string
-            i = string_end
+            i = closed
             continue
         depth += 1 if c in "{[" else -1
         i += 1
@@ -167,7 +168,7 @@ def scan_object(text: str, i: int) -> ObjectSpans:
         if text[i] != '"':
             spans.broken = True
             return spans
-        key_end = _string_end(text, i)
+        key_end = string_end(text, i)
         if key_end is None:
             return spans
         try:

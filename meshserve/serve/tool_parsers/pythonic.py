@@ -13,6 +13,7 @@ import json
 import re
 
 from meshserve.serve.tool_parsers.base import ParsedToolCall, PartialToolCall, PartialToolCalls, ToolParser
+from meshserve.serve.tool_parsers.json_spans import scan_memo, string_end
 
 PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 _NAME = re.compile(r"\s*([A-Za-z_][\w.]*)\s*\(")
@@ -25,37 +26,51 @@ class _JsonNames(ast.NodeTransformer):
         return ast.Constant(_JSON_NAMES[node.id]) if node.id in _JSON_NAMES else node
 
 
-def _body(text: str) -> tuple[int, str]:
-    """(offset, the text after the optional <|python_start|>, stripped on the left)."""
+def _body(text: str) -> int:
+    """Where the list starts: after leading whitespace and an optional <|python_start|> (and whitespace)."""
     i = len(text) - len(text.lstrip())
     if text.startswith(PYTHON_START, i):
         i += len(PYTHON_START)
-        i += len(text[i:]) - len(text[i:].lstrip())
-    return i, text[i:]
+        while i < len(text) and text[i].isspace():
+            i += 1
+    return i
+
+
+_STRUCTURE = re.compile(r"""['"()\[\]{}]""")
 
 
 def _close_paren(text: str, i: int) -> int | None:
-    """Index after the parenthesis closing the one at text[i - 1] (Python strings and brackets followed)."""
-    stack = [")"]
-    while i < len(text):
-        c = text[i]
+    """Index after the parenthesis closing the one at text[i - 1] (Python strings and brackets followed),
+    None while it is open or when a bracket closes the wrong one. A stream's text resumes the last step's
+    scan (its memo's pieces hold where it stopped, with the brackets open there)."""
+    memo, key = scan_memo(text), ("paren", i)
+    seen = memo.pieces.get(key) if memo is not None else None
+    if seen is not None and seen[0]:  # settled: closed (the index after it) or malformed (None)
+        return seen[1]
+    i, stack = (seen[1], list(seen[2])) if seen is not None else (i, [")"])
+    settled, end = False, None
+    while (m := _STRUCTURE.search(text, i)) is not None:
+        c, i = m.group(), m.start()
         if c in "'\"":
-            j = i + 1
-            while j < len(text) and text[j] != c:
-                j += 2 if text[j] == "\\" else 1
-            if j >= len(text):
-                return None
-            i = j + 1
+            closed = string_end(text, i)
+            if closed is None:
+                break  # resume at this string
+            i = closed
             continue
+        i += 1
         if c in _PAIRS:
             stack.append(_PAIRS[c])
-        elif c in ")]}":
-            if c != stack.pop():
-                return None
-            if not stack:
-                return i + 1
-        i += 1
-    return None
+        elif c != stack.pop():
+            settled = True  # a bracket closing the wrong one: never a call
+            break
+        elif not stack:
+            settled, end = True, i
+            break
+    else:
+        i = len(text)
+    if memo is not None:
+        memo.pieces[key] = (True, end) if settled else (False, i, tuple(stack))
+    return end
 
 
 def _arguments(call_text: str) -> str | None:
@@ -72,13 +87,13 @@ def _arguments(call_text: str) -> str | None:
         return None
 
 
-def _calls(body: str) -> tuple[list[ParsedToolCall] | None, list[PartialToolCall]]:
-    """(the calls of a finished list, None if it is not one; the calls as far as they go)."""
+def _calls(body: str, start: int) -> tuple[list[ParsedToolCall] | None, list[PartialToolCall]]:
+    """(the calls of a finished list from body[start], None if it is not one; the calls as far as they go)."""
     finished: list[ParsedToolCall] | None = []
     partial: list[PartialToolCall] = []
-    if not body.startswith("["):
+    if not body.startswith("[", start):
         return None, partial
-    i = 1
+    i = start + 1
     while True:
         while i < len(body) and body[i] in ", \t\r\n":
             i += 1
@@ -103,11 +118,11 @@ def _calls(body: str) -> tuple[list[ParsedToolCall] | None, list[PartialToolCall
 
 class PythonicToolParser(ToolParser):
     def extract(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
-        calls = _calls(_body(text)[1])[0]
+        calls = _calls(text, _body(text))[0]
         return (None, calls) if calls else (text, [])
 
     def extract_partial(self, text: str) -> PartialToolCalls:
         stripped = text.lstrip()
         if stripped and not stripped.startswith(("[", PYTHON_START)) and not PYTHON_START.startswith(stripped):
             return PartialToolCalls(len(text))
-        return PartialToolCalls(0, _calls(_body(text)[1])[1])
+        return PartialToolCalls(0, _calls(text, _body(text))[1])

@@ -24,11 +24,12 @@ def fold_outputs(acc: RequestOutput, new: RequestOutput, kind: RequestOutputKind
             by_index[d.index] = d
             continue
         c.text += d.text
-        c.token_ids = [*c.token_ids, *d.token_ids]
+        # in place (acc's lists are its own): a copy per fold would make folding a long pile quadratic
+        c.token_ids.extend(d.token_ids)
         if d.step_times is not None:  # each step keeps its own time: inter-token latency is timed from them
-            c.step_times = [*(c.step_times or []), *d.step_times]
+            c.step_times = _extended(c.step_times, d.step_times)
         if d.logprobs is not None:
-            c.logprobs = [*(c.logprobs or []), *d.logprobs]
+            c.logprobs = _extended(c.logprobs, d.logprobs)
         c.cumulative_logprob = d.cumulative_logprob
         c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
         c.stats = d.stats or c.stats  # the finishing output's
@@ -37,4 +38,12 @@ def fold_outputs(acc: RequestOutput, new: RequestOutput, kind: RequestOutputKind
     acc.finished = new.finished
     acc.num_cached_tokens = new.num_cached_tokens or acc.num_cached_tokens
     acc.metrics = new.metrics
+    return acc
+
+
+def _extended(acc: list | None, new: list) -> list:
+    """acc with new's items appended in place (a list of its own where acc has none)."""
+    if acc is None:
+        return list(new)
+    acc.extend(new)
     return acc

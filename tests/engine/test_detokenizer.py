@@ -276,3 +276,78 @@ def test_decodes_by_hand_when_stream_keeps_failing(metaspace_tok, monkeypatch: p
     for word in ("the", "quick", "fox"):  # each encodes to "▁word" pieces, so updates end on characters
         detok.update(_encode(metaspace_tok, word))
     assert detok.get_delta(finished=True) == detok.output_text == " the quick fox"
+
+
+# -- held runs: work per token stays bounded ---------------------------------------------------------
+class _CountingStream:
+    """A real DecodeStream that counts the ids each step decodes: the ones it held since it last gave text, and
+    the new ones (its window grows while it returns None)."""
+
+    decoded = 0
+
+    def __init__(self, ids=None, skip_special_tokens: bool = False) -> None:
+        self._inner = DecodeStream(ids=ids, skip_special_tokens=skip_special_tokens)
+        self._held = 0
+
+    def step(self, tokenizer, ids):
+        text = self._inner.step(tokenizer, ids)
+        window = self._held + len(ids)
+        _CountingStream.decoded += window
+        self._held = window if text is None else 0
+        return text
+
+
+def _held_run_ids(tok, kind: str) -> list[int]:
+    if kind == "eos":  # a model repeating EOS under ignore_eos: tokens whose text is skipped
+        return _encode(tok, "Hello world") + [tok.eos_token_id] * 1500 + _encode(tok, " done")
+    bad = next(i for i in range(len(tok)) if tok.decode([i, i]) == "\ufffd\ufffd")  # a byte no character takes
+    return _encode(tok, "Hello") + [bad] * 1500 + _encode(tok, " done")
+
+
+@pytest.mark.parametrize("kind", ["eos", "invalid_bytes"])
+def test_a_long_held_run_decodes_a_bounded_window_per_token(bytelevel_tok, monkeypatch, kind: str) -> None:
+    # DecodeStream re-decodes every id it holds at each step: a 1500-token run held whole would decode ~1.1M ids
+    monkeypatch.setattr(detokenizer, "DecodeStream", _CountingStream)
+    decode = IncrementalDetokenizer._decode
+    by_hand = [0]
+
+    def counting_decode(self, ids):
+        by_hand[0] += len(ids)
+        return decode(self, ids)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "_decode", counting_decode)
+    ids = _held_run_ids(bytelevel_tok, kind)
+    _CountingStream.decoded = 0
+    detok, deltas, _ = _stream(bytelevel_tok, ids, SamplingParams(), prompt=_encode(bytelevel_tok, "Say"))
+    assert "".join(deltas) == detok.output_text == bytelevel_tok.decode(ids, skip_special_tokens=True)
+    assert _CountingStream.decoded + by_hand[0] < 50 * len(ids)  # held whole: ~750 per id
+    # and the run's text streams as it comes, not all at its end
+    assert kind == "eos" or sum(1 for d in deltas if "\ufffd" in d) > 100
+
+
+class _CountingStop(str):
+    """A stop string that counts the suffixes of the text compared with it."""
+
+    calls = 0
+
+    def startswith(self, *args) -> bool:
+        _CountingStop.calls += 1
+        return super().startswith(*args)
+
+
+def test_holdback_work_does_not_grow_with_the_stop_length(bytelevel_tok) -> None:
+    # every step looks for the longest text suffix that begins a stop string: comparing every suffix length cost
+    # O(len(stop)^2) per token (120 us for 300 characters); only suffixes that start with the stop's first
+    # character can, and this text has none
+    stop = _CountingStop("<|" + "end of the answer " * 10)
+    ids = _encode(bytelevel_tok, "Hello world, how are you today? " * 20)
+    _CountingStop.calls = 0
+    detok, deltas, _ = _stream(bytelevel_tok, ids, SamplingParams(stop=[stop]))
+    assert "".join(deltas) == detok.output_text == bytelevel_tok.decode(ids)
+    assert _CountingStop.calls < len(ids)  # comparing every length: ~180 per token
+    # a suffix that may begin it is still held back, and released once it cannot
+    detok = IncrementalDetokenizer(bytelevel_tok, [], SamplingParams(stop=[stop]))
+    detok.update(_encode(bytelevel_tok, "Hi <|end of"))
+    assert detok.get_delta(finished=False) == "Hi "
+    detok.update(_encode(bytelevel_tok, " it"))
+    assert detok.get_delta(finished=False) == "<|end of it"

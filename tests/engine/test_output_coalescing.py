@@ -61,3 +61,20 @@ def test_folded_outputs_keep_each_step_s_time():
     first.outputs[0].step_times, second.outputs[0].step_times = [1.0], [1.1]
     (c,) = fold_outputs(first, second, RequestOutputKind.DELTA).outputs
     assert c.step_times == [1.0, 1.1]
+
+
+def test_folding_a_long_pile_copies_each_token_once():
+    # a client that stops reading lets thousands of outputs pile up; rebuilding the accumulated lists at each fold
+    # copied O(k^2) items for k outputs (20K: 1.3 s on the event loop). They grow in place: each fold copies its own.
+    acc = _delta([0], "t", logprobs=[{0: 0.0}])
+    acc.outputs[0].step_times = [0.0]
+    (c,) = acc.outputs
+    grown = (c.token_ids, c.logprobs, c.step_times)
+    for i in range(1, 2000):
+        new = _delta([i], "t", logprobs=[{i: 0.0}])
+        new.outputs[0].step_times = [float(i)]
+        acc = fold_outputs(acc, new, RequestOutputKind.DELTA)
+    (c,) = acc.outputs
+    assert all(now is before for now, before in zip((c.token_ids, c.logprobs, c.step_times), grown))
+    assert c.token_ids == list(range(2000)) and c.step_times == [float(i) for i in range(2000)]
+    assert c.logprobs == [{i: 0.0} for i in range(2000)] and c.text == "t" * 2000

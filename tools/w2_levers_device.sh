@@ -107,7 +107,7 @@ PY
                  qwen3-30b-a3b:bf16 qwen3-0.6b:bf16:1,8,64 llama-3.1-8b:int4:1,8,64}; do
         IFS=: read -r m f tile <<< "$job"
         timeout -k 10 ${LAYER_PHASE_LIMIT:-90} python3 tools/decode_layer_phases.py --model $m --format $f \
-          --tile ${tile:-1,8,32} --json $OUT/layer_phases/${m}_${f}_${tile:-1,8,32}.json 2>&1 | grep -v Warning
+          --tile ${tile:-1,8,32} --json $OUT/layer_phases/${m}_${f}_$(echo ${tile:-1,8,32} | tr , -).json 2>&1 | grep -v Warning
       done ;;
     *) echo "PARTS: tests, kernels, w2, jit, curve, moe, trace, layer, layer_engine, layer_w1, layer_moe, layer_8b, layer_phases;" \
          "got $part"

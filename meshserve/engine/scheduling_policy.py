@@ -151,11 +151,15 @@ class SchedulingPolicy:
     def may_admit(self, seq: Sequence, running: list[Sequence], tally: RunningTally | None = None) -> bool:
         """Whether seq may join the running batch: with it, a decode step still meets the TPOT target. tally:
         running_tally(running), kept up to date by admitted (the scheduler's admissions in one step); without
-        it the batch is walked here."""
+        it the batch is walked here. An empty batch always admits: running alone is the best any target can
+        get, and waiting would not change it (a target under one sequence's step, the request's own or
+        --slo-tpot-ms, stalled the whole queue behind it)."""
         if self.step_model is None:
             return True
         if tally is None:
             tally = self.running_tally(running)
+        if tally.num_seqs == 0:
+            return True
         target, own = tally.target, self.tpot_target((seq,))  # the tightest of both (no list copy)
         if own is not None and (target is None or own < target):
             target = own

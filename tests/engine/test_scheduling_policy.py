@@ -235,6 +235,25 @@ def test_with_pipeline_steps_in_flight_the_tpot_policy_predicts_one_steps_share(
 
 
 
+def test_a_target_no_batch_can_meet_still_runs_alone():
+    """A TPOT target under even one sequence's predicted step (a request's own slo.tpot_ms of 1e-300 ms, found by
+    fuzzing; or a --slo-tpot-ms below the model's batch-1 step) used to keep the request waiting forever, and
+    everything queued behind it: an empty batch now admits it, so it runs alone, the best it can get, and the
+    queue moves; behind it, others join only as their targets allow."""
+    s = _with_model(slo_tpot_s=1e-9)
+    first, second = make_seq("a", range(300)), make_seq("b", range(300))
+    assert MODEL.predict(StepShape(1, 1, 300)) > 1e-9
+    assert s.policy.may_admit(first, [])
+    assert not s.policy.may_admit(second, [first])
+    for seq in (first, second):
+        s.add(seq)
+    for _ in range(50):
+        step(s)
+        if first.is_finished and second.is_finished:
+            break
+    assert first.status is second.status is SequenceStatus.FINISHED_LENGTH
+
+
 def test_may_admit_with_a_running_tally_decides_as_the_pass_over_the_batch():
     """The scheduler tallies the running batch once a step and extends the tally with each admission
     (running_tally, admitted); may_admit then decides as walking the batch would, over random batches: own

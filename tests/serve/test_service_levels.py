@@ -156,3 +156,16 @@ def test_a_burst_gets_answers_or_429s_and_nothing_hangs(slo_server):
     counted = (_metric(slo_server.base_url, 'meshserve:requests_slo_total{result="met"}') - met_before
                + _metric(slo_server.base_url, 'meshserve:requests_slo_total{result="missed"}'))
     assert counted >= served  # every served request was judged against its target
+
+
+def test_a_tpot_target_no_batch_meets_is_served_alone_not_held_forever(slo_server):
+    """slo.tpot_ms of 1e-300 (found by fuzzing /v1/responses) held the request in the queue forever, and every
+    request behind it: it now runs alone, and a plain request sent beside it is answered too."""
+    async def both():
+        async with httpx.AsyncClient(base_url=slo_server.v1, timeout=30) as http:
+            return await asyncio.gather(
+                http.post("/completions", json=_body(slo={"ttft_ms": 60_000, "tpot_ms": 1e-300})),
+                http.post("/completions", json=_body(slo={"ttft_ms": 60_000})))
+
+    for r in asyncio.run(both()):
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

@@ -108,6 +108,8 @@ def value_end(text: str, i: int) -> int | None:
 
 
 def _container_end(text: str, start: int) -> int | None:
+    """Index after the object or array starting at text[start], None while it is open; a stream's text goes
+    on from where the last step's scan stopped (outside any string, at that bracket depth)."""
     memo = scan_memo(text)
     i, depth = start, 0
     if memo is not None and (seen := memo.containers.get(start)) is not None:

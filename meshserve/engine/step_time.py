@@ -19,6 +19,11 @@ import numpy as np
 _UNKNOWN_BANDWIDTH = 50e9
 _UNKNOWN_FLOPS = 2e11
 _FORGET = 0.995  # recursive least squares: older steps weigh less (half weight after ~140 steps)
+# Forgetting divides the covariance by _FORGET every step, so a direction the steps never excite (the mixed-step
+# term while every step is graphed) grows by 1/_FORGET a step: 9 x 1.005^n overflowed float64 after ~141,000
+# steps (a 14-minute CPU fuzz run; ~25 minutes of a GPU server's decode), and the fit went NaN, every prediction
+# with it (SLO admission refused everyone). Each coordinate's spread is capped at this many times its prior's.
+_SPREAD_CAP = 100.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class StepTimeModel:
         self._theta = tuple(float(v) for v in self.theta)
         # the prior's spread: about 2 ms on the overhead, 0.5 on each efficiency factor, 3 ms on the mixed-step cost
         self._p = np.diag([4.0, 0.25, 0.25, 9.0])
+        self._p_cap = _SPREAD_CAP * np.diag(self._p)
         self.num_observed = 0
         self.last_predicted_s = 0.0
         self.last_actual_s = 0.0
@@ -129,14 +135,18 @@ class StepTimeModel:
 
     def observe(self, shape: StepShape, actual_s: float) -> None:
         """Fold one measured step into the fit (recursive least squares with forgetting)."""
-        if shape.num_tokens == 0 or actual_s <= 0:
+        if shape.num_tokens == 0 or not 0 < actual_s < float("inf"):
             return
         x = np.array([1.0, *self._terms(shape)])
         predicted_ms, actual_ms = float(x @ self.theta), actual_s * 1e3
         px = self._p @ x
         gain = px / (_FORGET + x @ px)
         self.theta = self.theta + gain * (actual_ms - predicted_ms)
-        self._p = (self._p - np.outer(gain, px)) / _FORGET
+        p = (self._p - np.outer(gain, px)) / _FORGET
+        # the cap as a congruence D P D (D diagonal, positive): still symmetric positive definite, each capped
+        # coordinate's variance at its cap and its covariances scaled with it; the others untouched
+        scale = np.sqrt(np.minimum(1.0, self._p_cap / np.maximum(np.diag(p), 1e-300)))
+        self._p = p * np.outer(scale, scale)
         self._theta = tuple(float(v) for v in self.theta)
         self.num_observed += 1
         predicted = max(predicted_ms, 0.0) * 1e-3

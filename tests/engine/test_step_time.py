@@ -90,3 +90,25 @@ def test_quantized_and_moe_weights_keep_their_parameter_count():
                          num_experts_per_tok=2)
     moe_bytes, _ = step_weights(moe, 1e8, num_ranks=1)
     assert moe_bytes < 0.5e8  # two of sixteen experts per layer
+
+
+def test_a_long_run_of_one_kind_of_step_keeps_the_fit_finite_and_adaptive():
+    """A server decoding for ~25 minutes without an eager mixed step never excites the mixed term: forgetting
+    grew its spread by 1/0.995 a step until it overflowed (~141,000 steps, found by a long fuzz run) and the fit
+    went NaN, every prediction with it. The spread is capped: after 150,000 decode steps the fit is finite and
+    still predicts them, and the first eager mixed steps still teach the mixed term."""
+    import math
+
+    m = StepTimeModel(weight_bytes=2e9, kv_bytes_per_token=1e5, rates=RATES, graphed_mixed_tokens=512)
+    decode = StepShape(64, 64, 64 * 1000)
+    truth = 1.3 * m.predict(decode)
+    for _ in range(150_000):
+        m.observe(decode, truth)
+    assert all(math.isfinite(v) for v in m._theta) and math.isfinite(float(m._p.sum()))
+    assert abs(m.predict(decode) - truth) / truth < 0.01
+    mixed = StepShape(2000, 20, 20_000)
+    eager = m.predict(mixed) + 6e-3  # 6 ms more than the fit says: the eager launches
+    for _ in range(30):
+        m.observe(mixed, eager)
+    assert abs(m.predict(mixed) - eager) / eager < 0.05
+    assert abs(m.predict(decode) - truth) / truth < 0.05

@@ -57,12 +57,15 @@ def test_an_admitted_request_near_the_limit_teaches_the_admission_margin(slo_ser
     errors_before = list(allm.admission_margin._errors)
     # predicted 0.3 s against the 0.5 s target: near the limit, under the margin (0.8 x 0.5 s)
     monkeypatch.setattr(allm, "predicted_ttft_s", lambda *args: 0.3)
+    t = time.monotonic()
     r = httpx.post(slo_server.v1 + "/completions", json=_body(), timeout=30)
+    elapsed = time.monotonic() - t
     assert r.status_code == 200
     errors = list(allm.admission_margin._errors)
     assert errors[: len(errors_before)] == errors_before and len(errors) == len(errors_before) + 1
-    # the queue was really empty: the first token came well before the 0.3 s predicted
-    assert -0.6 < errors[-1] < 0.0
+    # (measured - predicted) / target, measured from the server's arrival to the first token: within what the
+    # client itself waited (not "before 0.3 s": a loaded CI machine can take longer over an empty queue)
+    assert -0.6 < errors[-1] <= (elapsed - 0.3) / 0.5
 
 
 def test_metrics_show_the_admission_margin_and_follow_its_updates(slo_server, monkeypatch):

@@ -170,7 +170,7 @@ class IncrementalDetokenizer:
             text = self._stream.step(self._tokenizer, held)
         except Exception:  # noqa: BLE001 - tokenizers raises a plain Exception
             # The window itself trips the decoder: decode these ids by hand and restart after them.
-            text = self._decode_after(self._recent_ids, held)
+            text = self._decode_after(self._seed(self._recent_ids), held)
             self._mark_emitted(held)
             self._stream = self._new_stream(self._recent_ids)
             return text
@@ -193,7 +193,9 @@ class IncrementalDetokenizer:
     def _flush(self) -> None:
         """At the end, emit what the stream withholds (an incomplete character decodes to U+FFFD)."""
         if self._stop is None and self._pending_ids:
-            text = self._decode_after(self._recent_ids, self._pending_ids)
+            # after the context the stream itself started from (none when the prompt ends mid-character: its
+            # bytes would merge with the output's and change how many U+FFFD the output shows)
+            text = self._decode_after(self._seed(self._recent_ids), self._pending_ids)
             self._mark_emitted([])
             self._append(text)
 
@@ -208,7 +210,7 @@ class IncrementalDetokenizer:
         self._len += len(text)
         if not self._stops or self._num_tokens <= self._min_tokens:
             return None
-        match = self._find_stop(tail + text)
+        match = self._find_stop(tail + text, len(tail))
         if match is None:
             return None
         pos, stop = match
@@ -217,11 +219,13 @@ class IncrementalDetokenizer:
         self._stop = stop
         return stop
 
-    def _find_stop(self, window: str) -> tuple[int, str] | None:
-        """Earliest stop string in window; at equal starts the shorter one, as it completes first."""
+    def _find_stop(self, window: str, new_from: int) -> tuple[int, str] | None:
+        """Earliest stop string in window that ends in its new text (from new_from on; as vLLM: the tail is
+        sized for the longest stop, so a shorter one may lie wholly in it, written while min_tokens kept stop
+        strings unchecked, and it must not stop now); at equal starts the shorter one, as it completes first."""
         best: tuple[int, str] | None = None
         for stop in self._stops:
-            pos = window.find(stop)
+            pos = window.find(stop, max(new_from - len(stop) + 1, 0))
             if pos >= 0 and (best is None or (pos, len(stop)) < (best[0], len(best[1]))):
                 best = (pos, stop)
         return best

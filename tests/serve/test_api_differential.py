@@ -94,7 +94,10 @@ def check_completion(req: ApiRequest, res: Result, tokenizer, where: str) -> Non
             assert c.stop_reason in body["stop"], at
             cut = len(text) - len(c.stop_reason) if include else len(text)
             assert decoded.startswith(text) and decoded[cut:].startswith(c.stop_reason), at
-            assert not any(s in decoded[:cut + len(s) - 1] for s in body["stop"]), at  # the first to complete
+            # the first to complete, among those completing after min_tokens (stop strings are checked from then
+            # on, as in vLLM: one written inside the first min_tokens tokens does not stop; seed 7 request 14)
+            floor = len(tokenizer.decode(ids[:body.get("min_tokens") or 0], skip_special_tokens=skip))
+            assert not any(_completes(decoded[:cut + len(s) - 1], s, floor) for s in body["stop"]), at
             continue
         if c.finish_reason == "stop" and not include:
             ids = ids[:-1]  # the stop token (EOS or a stop_token_id) is not text
@@ -109,6 +112,12 @@ def as_completion(chat: ApiRequest, prompt_ids: list[int]) -> ApiRequest:
     if chat.body.get("logprobs"):
         body["logprobs"] = chat.body.get("top_logprobs") or 0
     return ApiRequest("completions", body)
+
+
+def _completes(text: str, stop: str, floor: int) -> bool:
+    """Whether stop occurs in text ending past index floor."""
+    i = text.find(stop, max(floor - len(stop) + 1, 0))
+    return i >= 0
 
 
 def run_invariants(http: httpx.Client, base: str, seed: int, count: int, tokenizer) -> dict:

@@ -153,12 +153,16 @@ class SchedulingPolicy:
         running_tally(running), kept up to date by admitted (the scheduler's admissions in one step); without
         it the batch is walked here. An empty batch always admits: running alone is the best any target can
         get, and waiting would not change it (a target under one sequence's step, the request's own or
-        --slo-tpot-ms, stalled the whole queue behind it)."""
+        --slo-tpot-ms, stalled the whole queue behind it). A request's own target that even that misses is
+        dropped, so it does not hold later admissions to what no batch can meet."""
         if self.step_model is None:
             return True
         if tally is None:
             tally = self.running_tally(running)
         if tally.num_seqs == 0:
+            alone = self.step_model.predict(StepShape(1, 1, seq.num_tokens))
+            if seq.slo_tpot_s is not None and alone > seq.slo_tpot_s * TARGET_MARGIN:
+                seq.slo_tpot_s = None  # the server's target, if any, applies instead
             return True
         target, own = tally.target, self.tpot_target((seq,))  # the tightest of both (no list copy)
         if own is not None and (target is None or own < target):

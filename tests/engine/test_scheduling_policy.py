@@ -252,6 +252,14 @@ def test_a_target_no_batch_can_meet_still_runs_alone():
         if first.is_finished and second.is_finished:
             break
     assert first.status is second.status is SequenceStatus.FINISHED_LENGTH
+    # a request's own such target is dropped once it runs alone: it does not hold the batch to it
+    s = _with_model()
+    tight, plain = make_seq("t", range(300)), make_seq("p", range(300))
+    tight.slo_tpot_s = 1e-9
+    assert s.policy.may_admit(tight, []) and tight.slo_tpot_s is None
+    assert s.policy.may_admit(plain, [tight])
+    tight.slo_tpot_s = 0.5  # one it can meet alone is kept
+    assert s.policy.may_admit(tight, []) and tight.slo_tpot_s == 0.5
 
 
 def test_may_admit_with_a_running_tally_decides_as_the_pass_over_the_batch():

@@ -65,7 +65,7 @@ def test_requests_through_two_api_processes_complete_and_sigterm_stops_all(tmp_p
         for _ in range(4):
             metrics = httpx.get(base + "/metrics", timeout=10).text
             assert 'meshserve:requests_total{outcome="length"} 32.0' in metrics
-            assert 'vllm:generation_tokens_total{engine="0",model_name="tiny"} 256.0' in metrics
+            assert 'vllm:generation_tokens_total{engine="0",model_name="fake"} 256.0' in metrics
             # the admission margin is each process's own: one series per pid, both still at the start value
             margins = [line for line in metrics.splitlines() if line.startswith("meshserve:admission_margin{")]
             assert sorted(line.split('pid="')[1].split('"')[0] for line in margins) == sorted(map(str, pids[1:]))

@@ -138,8 +138,11 @@ class IncrementalDetokenizer:
             # that clean up or strip by context); restart it from the last good boundary.
             return self._resync(ids)
         if text is None:
+            before = len(self._pending_ids)
             self._pending_ids.extend(ids)
-            return self._let_go() if len(self._pending_ids) > _MAX_HELD_TOKENS else ""
+            # tried each _HELD_TAIL ids, not each token: a run that cannot be cut would pay its decodes every step
+            held = len(self._pending_ids)
+            return self._let_go() if held > _MAX_HELD_TOKENS and before // _HELD_TAIL != held // _HELD_TAIL else ""
         self._mark_emitted(ids)
         return text
 

@@ -160,8 +160,8 @@ class SchedulingPolicy:
         if tally is None:
             tally = self.running_tally(running)
         if tally.num_seqs == 0:
-            alone = self.step_model.predict(StepShape(1, 1, seq.num_tokens))
-            if seq.slo_tpot_s is not None and alone > seq.slo_tpot_s * TARGET_MARGIN:
+            if (seq.slo_tpot_s is not None
+                    and self.step_model.predict(StepShape(1, 1, seq.num_tokens)) > seq.slo_tpot_s * TARGET_MARGIN):
                 seq.slo_tpot_s = None  # the server's target, if any, applies instead
             return True
         target, own = tally.target, self.tpot_target((seq,))  # the tightest of both (no list copy)

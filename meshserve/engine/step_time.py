@@ -143,10 +143,13 @@ class StepTimeModel:
         gain = px / (_FORGET + x @ px)
         self.theta = self.theta + gain * (actual_ms - predicted_ms)
         p = (self._p - np.outer(gain, px)) / _FORGET
-        # the cap as a congruence D P D (D diagonal, positive): still symmetric positive definite, each capped
-        # coordinate's variance at its cap and its covariances scaled with it; the others untouched
-        scale = np.sqrt(np.minimum(1.0, self._p_cap / np.maximum(np.diag(p), 1e-300)))
-        self._p = p * np.outer(scale, scale)
+        spread = np.diag(p)
+        if (spread > self._p_cap).any():  # (this runs every step: scale only when a cap is passed)
+            # the cap as a congruence D P D (D diagonal, positive): still symmetric positive definite, each capped
+            # coordinate's variance at its cap and its covariances scaled with it; the others untouched
+            scale = np.sqrt(np.minimum(1.0, self._p_cap / spread))
+            p *= np.outer(scale, scale)
+        self._p = p
         self._theta = tuple(float(v) for v in self.theta)
         self.num_observed += 1
         predicted = max(predicted_ms, 0.0) * 1e-3

@@ -8,6 +8,9 @@ projection is an L2 hit):
   pair B/2  : nano-batch 1's attention on one stream while nano-batch 2's four projections run on another
   nano B    : two nano-batches of B/2, staggered, so each layer's attention of one runs beside the other's GEMMs
 for the balanced decode kernel at several programs an SM (fewer leaves SMs to the GEMMs).
+Forty-seventh session, H100 (BENCHMARKS.md): side by side saves 1-1.5% of the sum; half a W2 batch's projections
+are memory-bound (they read every weight for half the rows), so the nano-batches lose 34-38%. Refuted below ~2x the
+ridge point's rows.
 
 usage (device): python tools/overlap_probe.py [--batch 224] [--ctx 800] [--per-sm 1,2,4] [--json PATH]
 """

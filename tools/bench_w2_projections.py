@@ -1,0 +1,98 @@
+"""W2's one lever left (BENCHMARKS.md, forty-seventh session): Llama-3.1-8B's projections at 128-256 rows run at
+~200-214 us a layer through cuBLAS where their floor (weights at copy bandwidth, FLOPs at ~700 TFLOP/s) is ~145 us.
+This times each projection at each M four ways, from CUDA graphs: F.linear as the engine calls it (cuBLAS), the
+same under torch.backends.cuda.preferred_blas_library("cublaslt") (the Lt heuristics), the rows padded up to a
+multiple of 64 / 128 (whether M = 224's tile choice is the loss), and, with --autotune, Inductor's max-autotune
+(its Triton GEMM templates raced against cuBLAS on the spot: the best config found, if any beats cuBLAS).
+
+usage (device): python tools/bench_w2_projections.py [--m 128,192,224,256] [--autotune] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+from tools.bench_fp8_step import graph_of, replay_ms
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+REPS = 20  # launches per graph: one launch is a few us of a replay's overhead
+
+
+def time_us(fn) -> float:
+    return replay_ms(graph_of(fn, reps=REPS), iters=10) / REPS * 1e3
+
+
+def row(m: int, proj: str, kind: str, us: float, n: int, k: int) -> dict:
+    r = {"m": m, "proj": proj, "kind": kind, "us": round(us, 2), "tflops": round(2 * m * n * k / us / 1e6, 1),
+         "weight_tb_s": round(n * k * 2 / us / 1e6, 2)}
+    print(f"m {m:>4} {proj:<8} {kind:<22} {r['us']:>8.2f} us {r['tflops']:>7.1f} TFLOP/s {r['weight_tb_s']:>5.2f} TB/s",
+          flush=True)
+    return r
+
+
+@torch.inference_mode()
+def run(ms: list[int], autotune: bool) -> list[dict]:
+    rows = []
+    for proj, (n, k) in SHAPES.items():
+        rows += bench_projection(proj, n, k, ms, autotune)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_projection(proj: str, n: int, k: int, ms: list[int], autotune: bool) -> list[dict]:
+    rows = []
+    # 4 weight copies cycled: o's 33.5 MB would otherwise sit in the 50 MB L2 between launches
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(4)]
+    it = iter(range(10**9))
+
+    def linear(x):
+        return F.linear(x, ws[next(it) % 4])
+
+    for m in ms:
+        x = torch.randn(max(256, -(-m // 128) * 128), k, device="cuda", dtype=torch.bfloat16)
+        rows.append(row(m, proj, "cublas", time_us(lambda: linear(x[:m])), n, k))
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            rows.append(row(m, proj, "cublaslt", time_us(lambda: linear(x[:m])), n, k))
+        finally:
+            torch.backends.cuda.preferred_blas_library("cublas")
+        for pad in (64, 128):
+            mp = -(-m // pad) * pad
+            if mp != m:
+                rows.append(row(m, proj, f"padded to {mp}", time_us(lambda mp=mp: linear(x[:mp])), n, k))
+        if autotune:
+            rows.append(row(m, proj, "inductor max-autotune", _autotuned_us(x[:m].clone(), ws), n, k))
+    return rows
+
+
+def _autotuned_us(x: torch.Tensor, ws: list[torch.Tensor]) -> float:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.max_autotune_gemm_backends = "TRITON,ATEN"
+    fn = torch.compile(lambda a, w: F.linear(a, w), mode="max-autotune-no-cudagraphs", dynamic=False)
+    it = iter(range(10**9))
+    return time_us(lambda: fn(x, ws[next(it) % 4]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", default="128,192,224,256")
+    ap.add_argument("--autotune", action="store_true")
+    ap.add_argument("--json", default="")
+    ns = ap.parse_args()
+    rows = run([int(v) for v in ns.m.split(",")], ns.autotune)
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,8 @@
 ~200-214 us a layer through cuBLAS where their floor (weights at copy bandwidth, FLOPs at ~700 TFLOP/s) is ~145 us.
 This times each projection at each M four ways, from CUDA graphs: F.linear as the engine calls it (cuBLAS), the
 same under torch.backends.cuda.preferred_blas_library("cublaslt") (the Lt heuristics), the rows padded up to a
-multiple of 64 / 128 (whether M = 224's tile choice is the loss), and, with --autotune, Inductor's max-autotune
+multiple of 64 / 128 (whether M = 224's tile choice is the loss), gate_up with the engine's SiLU-and-mul
+after it (what a fused epilogue would save), and, with --autotune, Inductor's max-autotune
 (its Triton GEMM templates raced against cuBLAS on the spot: the best config found, if any beats cuBLAS).
 
 usage (device): python tools/bench_w2_projections.py [--m 128,192,224,256] [--autotune] [--json PATH]
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.nn.functional as F
 
+from meshserve.kernels.triton_ops import silu_and_mul
 from tools.bench_fp8_step import graph_of, replay_ms
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
@@ -64,20 +66,29 @@ def bench_projection(proj: str, n: int, k: int, ms: list[int], autotune: bool) -
             rows.append(row(m, proj, "cublaslt", time_us(lambda: linear(x[:m])), n, k))
         finally:
             torch.backends.cuda.preferred_blas_library("cublas")
-        for pad in (64, 128):
-            mp = -(-m // pad) * pad
-            if mp != m:
-                rows.append(row(m, proj, f"padded to {mp}", time_us(lambda mp=mp: linear(x[:mp])), n, k))
+        for mp in sorted({-(-m // pad) * pad for pad in (64, 128)} - {m}):
+            rows.append(row(m, proj, f"padded to {mp}", time_us(lambda mp=mp: linear(x[:mp])), n, k))
+        if proj == "gate_up":  # the engine's SiLU-and-mul after it: what an epilogue fused into the GEMM saves
+            rows.append(row(m, proj, "cublas + silu_and_mul", time_us(lambda: silu_and_mul(linear(x[:m]))), n, k))
         if autotune:
             rows.append(row(m, proj, "inductor max-autotune", _autotuned_us(x[:m].clone(), ws), n, k))
+            if proj == "gate_up":
+                rows.append(row(m, proj, "inductor + silu epilogue", _autotuned_us(x[:m].clone(), ws, gated=True),
+                                n, k))
     return rows
 
 
-def _autotuned_us(x: torch.Tensor, ws: list[torch.Tensor]) -> float:
+def _autotuned_us(x: torch.Tensor, ws: list[torch.Tensor], gated: bool = False) -> float:
     import torch._inductor.config as inductor_config
 
     inductor_config.max_autotune_gemm_backends = "TRITON,ATEN"
-    fn = torch.compile(lambda a, w: F.linear(a, w), mode="max-autotune-no-cudagraphs", dynamic=False)
+
+    def gate_up_silu(a, w):
+        gate, up = F.linear(a, w).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    fn = torch.compile(gate_up_silu if gated else (lambda a, w: F.linear(a, w)), mode="max-autotune-no-cudagraphs",
+                       dynamic=False)
     it = iter(range(10**9))
     return time_us(lambda: fn(x, ws[next(it) % 4]))
 

@@ -102,8 +102,10 @@ class StepTimeModel:
         self.theta = np.array([overhead_s * 1e3, 1.0 / efficiency, 1.0 / efficiency, 0.0])
         self._theta = tuple(float(v) for v in self.theta)
         # the prior's spread: about 2 ms on the overhead, 0.5 on each efficiency factor, 3 ms on the mixed-step cost
-        self._p = np.diag([4.0, 0.25, 0.25, 9.0])
+        self._p_prior = np.diag([4.0, 0.25, 0.25, 9.0])
+        self._p = self._p_prior.copy()
         self._p_cap = _SPREAD_CAP * np.diag(self._p)
+        self.num_spread_restarts = 0
         self.num_observed = 0
         self.last_predicted_s = 0.0
         self.last_actual_s = 0.0
@@ -140,22 +142,40 @@ class StepTimeModel:
         x = np.array([1.0, *self._terms(shape)])
         predicted_ms, actual_ms = float(x @ self.theta), actual_s * 1e3
         px = self._p @ x
-        gain = px / (_FORGET + x @ px)
+        xpx = float(x @ px)
+        if not 0.0 <= xpx < float("inf"):  # x'Px < 0: P lost positive definiteness in rounding (below)
+            self._restart_spread()
+            px = self._p @ x
+            xpx = float(x @ px)
+        gain = px / (_FORGET + xpx)
         self.theta = self.theta + gain * (actual_ms - predicted_ms)
         p = (self._p - np.outer(gain, px)) / _FORGET
+        # outer(gain, px) is symmetric only up to rounding, and forgetting amplifies what a direction the steps
+        # hardly excite carries: left alone, P drifted asymmetric and indefinite within ~8,000 steps of a fuzz
+        # run (a negative variance, then NaN through the cap's square root)
+        p = (p + p.T) * 0.5
         spread = np.diag(p)
-        if (spread > self._p_cap).any():  # (this runs every step: scale only when a cap is passed)
+        if not (spread > 0.0).all():
+            self._restart_spread()
+        elif (spread > self._p_cap).any():  # (this runs every step: scale only when a cap is passed)
             # the cap as a congruence D P D (D diagonal, positive): still symmetric positive definite, each capped
             # coordinate's variance at its cap and its covariances scaled with it; the others untouched
             scale = np.sqrt(np.minimum(1.0, self._p_cap / spread))
-            p *= np.outer(scale, scale)
-        self._p = p
+            self._p = p * np.outer(scale, scale)
+        else:
+            self._p = p
         self._theta = tuple(float(v) for v in self.theta)
         self.num_observed += 1
         predicted = max(predicted_ms, 0.0) * 1e-3
         self.last_predicted_s, self.last_actual_s = predicted, actual_s
         err = abs(predicted - actual_s) / actual_s
         self.abs_error_ewma = err if self.num_observed == 1 else 0.95 * self.abs_error_ewma + 0.05 * err
+
+    def _restart_spread(self) -> None:
+        """Covariance resetting (a standard RLS remedy): the prior's spread again, the fit kept; the next steps
+        move it as fast as the first ones did."""
+        self._p = self._p_prior.copy()
+        self.num_spread_restarts += 1
 
     def max_prefill_tokens(self, budget_s: float, num_decodes: int, decode_context: int,
                            limit: int = 1 << 20) -> int:

@@ -112,3 +112,49 @@ def test_a_long_run_of_one_kind_of_step_keeps_the_fit_finite_and_adaptive():
         m.observe(mixed, eager)
     assert abs(m.predict(mixed) - eager) / eager < 0.05
     assert abs(m.predict(decode) - truth) / truth < 0.05
+
+
+def test_the_spread_stays_symmetric_positive_definite_under_varied_noisy_steps():
+    """The covariance update subtracts outer(gain, Px), symmetric only up to rounding, and forgetting amplified
+    the difference along directions the steps hardly excite: under a mix of small decode steps, mixed steps and
+    outliers (a fuzz run's shapes) P went asymmetric and indefinite by step ~7,750 (seed 0), a variance turned
+    negative, and the cap's square root made it NaN. Now P is kept symmetric and, were it ever to lose positive
+    definiteness in rounding, restarted from the prior."""
+    import warnings
+
+    import numpy as np
+
+    rng = random.Random(0)
+    m = StepTimeModel(2e6, 1e3, DeviceRates(1e11, 1e12))
+    small = rng.random() < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value in sqrt" is the old failure
+        for _ in range(9_000):
+            if rng.random() < 0.9:
+                b = rng.choice([1, 1, 2, 3]) if small else rng.randint(1, 8)
+                shape = StepShape(b, b, b * rng.randint(5, 60))
+            else:
+                t = rng.randint(2, 200)
+                shape = StepShape(t, rng.randint(1, min(t, 4)), t + rng.randint(0, 100))
+            outlier = rng.random() < 0.05
+            m.observe(shape, rng.choice([0.002, 0.0021, 0.05]) if outlier else 0.002 + 1e-6 * shape.num_tokens)
+    assert np.array_equal(m._p, m._p.T)
+    assert np.linalg.eigvalsh(m._p).min() > 0
+    assert np.isfinite(m.theta).all()
+    assert abs(m.predict(StepShape(2, 2, 60)) - 0.002) / 0.002 < 0.5  # still a fit of the steps it saw
+
+
+def test_a_spread_that_lost_positive_definiteness_restarts_from_the_prior():
+    import numpy as np
+
+    m = StepTimeModel(weight_bytes=2e9, kv_bytes_per_token=1e5, rates=RATES)
+    decode = StepShape(8, 8, 8000)
+    truth = 1.2 * m.predict(decode)
+    for _ in range(50):
+        m.observe(decode, truth)
+    theta = m.theta.copy()
+    m._p = -np.eye(4)  # what rounding could leave: x'Px < 0, a gain past any bound
+    m.observe(decode, truth)
+    assert m.num_spread_restarts == 1
+    assert np.linalg.eigvalsh(m._p).min() > 0 and np.isfinite(m.theta).all()
+    assert np.allclose(m.theta, theta, rtol=0.05)  # the fit is kept, not thrown away

@@ -151,8 +151,8 @@ class StepTimeModel:
         self.theta = self.theta + gain * (actual_ms - predicted_ms)
         p = (self._p - np.outer(gain, px)) / _FORGET
         # outer(gain, px) is symmetric only up to rounding, and forgetting amplifies what a direction the steps
-        # hardly excite carries: left alone, P drifted asymmetric and indefinite within ~8,000 steps of a fuzz
-        # run (a negative variance, then NaN through the cap's square root)
+        # hardly excite carries: left alone, P drifted asymmetric and indefinite within ~8,000 varied, noisy
+        # steps (a slow test's; a negative variance, then NaN through the cap's square root)
         p = (p + p.T) * 0.5
         spread = np.diag(p)
         if not (spread > 0.0).all():

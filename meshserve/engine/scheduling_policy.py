@@ -153,16 +153,12 @@ class SchedulingPolicy:
         running_tally(running), kept up to date by admitted (the scheduler's admissions in one step); without
         it the batch is walked here. An empty batch always admits: running alone is the best any target can
         get, and waiting would not change it (a target under one sequence's step, the request's own or
-        --slo-tpot-ms, stalled the whole queue behind it). A request's own target that even that misses is
-        dropped, so it does not hold later admissions to what no batch can meet."""
+        --slo-tpot-ms, stalled the whole queue behind it)."""
         if self.step_model is None:
             return True
         if tally is None:
             tally = self.running_tally(running)
         if tally.num_seqs == 0:
-            if (seq.slo_tpot_s is not None
-                    and self.step_model.predict(StepShape(1, 1, seq.num_tokens)) > seq.slo_tpot_s * TARGET_MARGIN):
-                seq.slo_tpot_s = None  # the server's target, if any, applies instead
             return True
         target, own = tally.target, self.tpot_target((seq,))  # the tightest of both (no list copy)
         if own is not None and (target is None or own < target):
@@ -182,9 +178,14 @@ class SchedulingPolicy:
         return RunningTally(self.tpot_target(running), context, len(running))
 
     def admitted(self, tally: RunningTally | None, seq: Sequence) -> None:
-        """seq joined the running batch tally describes (nothing else changed it): the tally now includes it."""
+        """seq joined the running batch tally describes (nothing else changed it): the tally now includes it. Run
+        alone, a request whose own TPOT target even that misses drops it (the server's, if any, applies), so it
+        does not hold later admissions to what no batch can meet."""
         if tally is None:
             return
+        if (tally.num_seqs == 0 and seq.slo_tpot_s is not None
+                and self.step_model.predict(StepShape(1, 1, seq.num_tokens)) > seq.slo_tpot_s * TARGET_MARGIN):
+            seq.slo_tpot_s = None
         own = self.tpot_target((seq,))
         if own is not None and (tally.target is None or own < tally.target):
             tally.target = own

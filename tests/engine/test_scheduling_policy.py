@@ -256,10 +256,18 @@ def test_a_target_no_batch_can_meet_still_runs_alone():
     s = _with_model()
     tight, plain = make_seq("t", range(300)), make_seq("p", range(300))
     tight.slo_tpot_s = 1e-9
-    assert s.policy.may_admit(tight, []) and tight.slo_tpot_s is None
-    assert s.policy.may_admit(plain, [tight])
+
+    def admit(seq, running):  # as the scheduler does: ask, then record the admission in the tally
+        tally = s.policy.running_tally(running)
+        ok = s.policy.may_admit(seq, running, tally)
+        if ok:
+            s.policy.admitted(tally, seq)
+        return ok
+
+    assert admit(tight, []) and tight.slo_tpot_s is None
+    assert admit(plain, [tight])
     tight.slo_tpot_s = 0.5  # one it can meet alone is kept
-    assert s.policy.may_admit(tight, []) and tight.slo_tpot_s == 0.5
+    assert admit(tight, []) and tight.slo_tpot_s == 0.5
 
 
 def test_may_admit_with_a_running_tally_decides_as_the_pass_over_the_batch():

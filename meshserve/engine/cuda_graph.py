@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
+from meshserve.engine import capture_guard
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.attention import Attention
 from meshserve.layers.mla_attention import MLAAttention
@@ -85,12 +87,34 @@ def attention_split_counts(layers: Sequence, dtype: torch.dtype, device: torch.d
 
 def capture_graph(holder, args: tuple, fn: Callable | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
     """One graph of fn(*args) (holder.forward unless given; holders: DecodeGraphs, MixedStepGraphs) and its
-    output: a warm-up run first (Triton autotune and JIT compiles, cuBLAS plans, allocations), then the capture
-    into the holder's pool, which the first capture creates (captured largest first, later graphs reuse its
-    memory)."""
+    output, captured into the holder's pool, which the first capture creates (captured largest first, later
+    graphs reuse its memory).
+
+    The holder's first graph is captured after an eager warm-up run (Triton JIT compiles, allocations, first-use
+    state). A later one is first captured without it, refusing any Triton build inside the capture
+    (capture_guard): the warm-up runs were half the capture time. If the capture needed a build (or failed
+    otherwise), that graph is dropped and captured again after its warm-up run; holder.num_warmed counts the
+    graphs that took one."""
     fn = fn or holder.forward
+    if holder.pool is not None and _skip_warm_ups():
+        try:
+            with capture_guard.refusing_builds():
+                return _capture(holder, args, fn)
+        except Exception as e:  # noqa: BLE001 - any failure: the plain path below, which raises if it fails too
+            if not isinstance(e, capture_guard.BuildRefused):
+                logger.warning("a CUDA-graph capture without its warm-up run failed (%s); warming up first", e)
+            torch.cuda.synchronize(holder.device)
     fn(*args)
     torch.cuda.synchronize(holder.device)
+    holder.num_warmed += 1
+    return _capture(holder, args, fn)
+
+
+def _skip_warm_ups() -> bool:
+    return os.environ.get(capture_guard.ENV, "0") != "1" and capture_guard.available()
+
+
+def _capture(holder, args: tuple, fn: Callable) -> tuple[torch.cuda.CUDAGraph, object]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=holder.pool):
         out = fn(*args)
@@ -191,6 +215,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor | IntermediateTensors] = {}
         self.pool = None
+        self.num_warmed = 0  # graphs of the last capture() that took an eager warm-up run (capture_graph)
         self.replays = 0
         self.sample_head = sample_head
         self.sample_sizes = {s for s in self.sizes if s <= sample_max_bs} if sample_head is not None else set()
@@ -237,6 +262,7 @@ class DecodeGraphs:
         """Warm up and capture one graph per batch size and context bound, largest first, then the sampled
         graphs."""
         t0 = time.perf_counter()
+        self.num_warmed = 0
         for key, args in self._capture_args():
             self.graphs[key], self.outputs[key] = capture_graph(self, args)
         for key, args in self._capture_args():
@@ -245,8 +271,9 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         short = {bs: bounds[:-1] for bs, bounds in self.variants.items() if len(bounds) > 1}
         logger.info("captured %d decode CUDA graphs (batch 1..%d; short-context variants %s; %d with the greedy "
-                    "head, batch %s) in %.1f s", len(self.graphs), self.max_bs, short or "none",
-                    len(self.sampled_graphs), sorted(self.sample_sizes) or "none", time.perf_counter() - t0)
+                    "head, batch %s; %d after an eager warm-up run) in %.1f s", len(self.graphs), self.max_bs,
+                    short or "none", len(self.sampled_graphs), sorted(self.sample_sizes) or "none", self.num_warmed,
+                    time.perf_counter() - t0)
 
     def release(self) -> None:
         """Free the graphs before the process group goes (release_graphs)."""

@@ -165,6 +165,7 @@ class MixedStepGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor | IntermediateTensors] = {}
         self.pool = None
+        self.num_warmed = 0  # graphs of the last capture() that took an eager warm-up run (capture_graph)
         self.runs: Counter[int] = Counter()  # steps served per bucket
         self.padded_runs = 0  # of those, steps with padding tokens or sequence slots
 
@@ -228,15 +229,16 @@ class MixedStepGraphs:
         if not self.replay:
             raise RuntimeError("MixedStepGraphs(replay=False) runs eagerly and captures nothing")
         t0 = time.perf_counter()
-        self.pool = pool
+        self.pool, self.num_warmed = pool, 0
         for tokens, args in self._capture_args():
             self.graphs[tokens], self.outputs[tokens] = capture_graph(self, args)
         torch.cuda.synchronize(self.device)
         logger.info(
-            "captured %d mixed-step CUDA graphs (%d..%d tokens) in %.1f s",
+            "captured %d mixed-step CUDA graphs (%d..%d tokens; %d after an eager warm-up run) in %.1f s",
             len(self.buckets),
             self.buckets[0],
             self.buckets[-1],
+            self.num_warmed,
             time.perf_counter() - t0,
         )
 

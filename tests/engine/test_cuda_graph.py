@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
+
+from meshserve.engine import capture_guard
 
 from meshserve.engine.cuda_graph import DecodeGraphs, attention_split_counts, decode_graph_variants
 from meshserve.kernels.triton_attention import TritonAttentionBackend, decode_num_splits
@@ -175,15 +178,11 @@ class _RecordingGraph:
         return self.own_pool
 
 
-def test_capture_warms_up_then_captures_every_graph_into_the_first_ones_pool(monkeypatch):
-    """capture() (DecodeGraphs and MixedStepGraphs share capture_graph): each graph's forward runs once
-    eagerly and once inside the capture, largest first; the first capture makes the pool that every later
-    one reuses, and each graph's output is the captured forward's."""
-    from meshserve.engine.mixed_graph import MixedStepGraphs
-
-    events: list = []
+def _recording_capture(monkeypatch, events: list, skip_warm_ups: bool) -> None:
+    """torch.cuda's capture on CPU, recording: synchronize, graph enter ("capture", pool) and exit ("end")."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append("sync"))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _RecordingGraph)
+    monkeypatch.setattr(capture_guard, "available", lambda: skip_warm_ups)
 
     class _Capturing:
         def __init__(self, graph, pool):
@@ -197,6 +196,18 @@ def test_capture_warms_up_then_captures_every_graph_into_the_first_ones_pool(mon
 
     monkeypatch.setattr(torch.cuda, "graph", _Capturing)
 
+
+@pytest.mark.parametrize("skip_warm_ups", [True, False], ids=["later-graphs-unwarmed", "no-build-hook"])
+def test_capture_warms_up_the_first_graph_then_captures_every_graph_into_its_pool(monkeypatch, skip_warm_ups):
+    """capture() (DecodeGraphs and MixedStepGraphs share capture_graph), largest first: the first graph's forward
+    runs eagerly, then inside the capture that makes the pool every later one reuses; the later graphs are
+    captured without that warm-up run where Triton builds can be refused (capture_guard), with it where not;
+    each graph's output is the captured forward's."""
+    from meshserve.engine.mixed_graph import MixedStepGraphs
+
+    events: list = []
+    _recording_capture(monkeypatch, events, skip_warm_ups)
+
     def forward(input_ids, positions, meta, intermediate):
         events.append(("forward", input_ids.shape[0]))
         return torch.full((input_ids.shape[0],), float(len(events)))
@@ -208,15 +219,56 @@ def test_capture_warms_up_then_captures_every_graph_into_the_first_ones_pool(mon
         events.clear()
         holder.capture()
         first_pool = holder.graphs[keys[0]].own_pool
-        expected = []
-        for i, n in enumerate(sizes):
-            pool = None if i == 0 else first_pool
-            expected += [("forward", n), "sync", ("capture", pool), ("forward", n), "end"]
+        expected = [("forward", sizes[0]), "sync", ("capture", None), ("forward", sizes[0]), "end"]
+        for n in sizes[1:]:
+            warm = [] if skip_warm_ups else [("forward", n), "sync"]
+            expected += warm + [("capture", first_pool), ("forward", n), "end"]
         assert events == expected + ["sync"]
+        assert holder.num_warmed == (1 if skip_warm_ups else len(sizes))
         assert holder.pool is first_pool and list(holder.graphs) == keys
-        for key, n in zip(keys, sizes):  # the output of the forward run inside the capture
+        captured = [i + 1.0 for i, e in enumerate(events) if isinstance(e, tuple) and e[0] == "forward"
+                    and i > 0 and isinstance(events[i - 1], tuple) and events[i - 1][0] == "capture"]
+        assert [holder.outputs[k][0].item() for k in keys] == captured  # the forward run inside each capture
+        for key, n in zip(keys, sizes):
             assert holder.outputs[key].shape == (n,)
-        assert [holder.outputs[k][0].item() for k in keys] == [4.0 + 5 * i for i in range(len(keys))]
+
+
+def test_a_capture_that_needs_a_triton_build_is_redone_after_its_warm_up(monkeypatch):
+    """A later graph whose forward meets a kernel specialization not built yet: inside the capture Triton's
+    build hook refuses it (capture_guard), the partial capture ends and is dropped, and that graph is captured
+    again after an eager warm-up run (which builds it); the graphs after it skip their warm-up again."""
+    triton = pytest.importorskip("triton")
+    if not capture_guard.available():
+        pytest.skip("this Triton has no jit_cache_hook")
+    events: list = []
+    _recording_capture(monkeypatch, events, True)
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", None)
+    built = {4}  # the specializations built so far (batch 4's: the eager warm-ups before the captures)
+
+    def forward(input_ids, positions, meta, intermediate):
+        n = input_ids.shape[0]
+        events.append(("forward", n))
+        if n not in built:  # a launch of an unbuilt specialization: Triton calls its hook, then builds
+            hook = triton.knobs.runtime.jit_cache_hook
+            if hook is not None:
+                hook(repr=f"kernel_{n}")
+            built.add(n)
+        return torch.full((n,), float(len(events)))
+
+    decode = DecodeGraphs(forward, 4, 4096, 16, torch.device("cpu"))
+    decode.capture()
+    pool = decode.graphs[(4, 4096)].own_pool
+    assert events == [
+        ("forward", 4), "sync", ("capture", None), ("forward", 4), "end",
+        ("capture", pool), ("forward", 2), "end", "sync",  # refused inside the capture: dropped
+        ("forward", 2), "sync", ("capture", pool), ("forward", 2), "end",  # warmed (built), captured again
+        ("capture", pool), ("forward", 1), "end", "sync",
+        ("forward", 1), "sync", ("capture", pool), ("forward", 1), "end",
+        "sync",
+    ]
+    assert decode.num_warmed == 3 and built == {1, 2, 4}
+    assert triton.knobs.runtime.jit_cache_hook is None  # the hook before the captures, put back
+    assert decode.outputs[(2, 4096)][0].item() == 13.0  # the second capture's forward (event 13)
 
 
 def _decode_meta(num_seqs: int, context: int):
@@ -242,6 +294,7 @@ def test_sampled_graphs_captured_for_the_small_sizes_after_the_plain_ones(monkey
     events: list = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _RecordingGraph)
+    monkeypatch.setattr(capture_guard, "available", lambda: True)
 
     class _Capturing:
         def __init__(self, graph, pool):
@@ -267,9 +320,9 @@ def test_sampled_graphs_captured_for_the_small_sizes_after_the_plain_ones(monkey
     assert graphs.sample_sizes == {1, 2, 4}
     assert list(graphs.sampled_graphs) == [(4, 4096), (2, 4096), (1, 4096)]
     assert set(graphs.graphs) == {(bs, 4096) for bs in (1, 2, 4, 8, 16, 32)}
-    # 6 plain captures, then per sampled graph: the warm-up run's head, the capture, the captured run's head
+    # 6 plain captures, then per sampled graph the capture and its head (no warm-up run: capture_graph)
     assert events[:6] == ["capture"] * 6
-    assert events[6:] == [e for n in (4, 2, 1) for e in (("head", n), "capture", ("head", n))]
+    assert events[6:] == [e for n in (4, 2, 1) for e in ("capture", ("head", n))]
     assert graphs.sampled_outputs[2, 4096].tolist() == [0, 1]
     assert graphs.can_sample(_decode_meta(2, 100)) and graphs.can_sample(_decode_meta(4, 4096))
     assert not graphs.can_sample(_decode_meta(3, 100))  # padded to 4

@@ -32,6 +32,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
+from meshserve.distributed.parallel_state import get_parallel_state
 from meshserve.engine import capture_guard
 from meshserve.kernels.attention_metadata import AttentionMetadata
 from meshserve.layers.attention import Attention
@@ -93,17 +94,22 @@ def capture_graph(holder, args: tuple, fn: Callable | None = None) -> tuple[torc
     The holder's first graph is captured after an eager warm-up run (Triton JIT compiles, allocations, first-use
     state). A later one is first captured without it, refusing any Triton build inside the capture
     (capture_guard): the warm-up runs were half the capture time. If the capture needed a build (or failed
-    otherwise), that graph is dropped and captured again after its warm-up run; holder.num_warmed counts the
-    graphs that took one."""
+    otherwise) on any TP rank, every rank drops that graph and captures it again after its warm-up run (the
+    ranks must agree: the warm-up run's collectives would wait for ranks that skip it); holder.num_warmed
+    counts the graphs that took one."""
     fn = fn or holder.forward
     if holder.pool is not None and _skip_warm_ups():
+        captured = None
         try:
             with capture_guard.refusing_builds():
-                return _capture(holder, args, fn)
+                captured = _capture(holder, args, fn)
         except Exception as e:  # noqa: BLE001 - any failure: the plain path below, which raises if it fails too
             if not isinstance(e, capture_guard.BuildRefused):
                 logger.warning("a CUDA-graph capture without its warm-up run failed (%s); warming up first", e)
-            torch.cuda.synchronize(holder.device)
+        if _on_every_tp_rank(captured is not None, holder.device):
+            return captured
+        captured = None
+        torch.cuda.synchronize(holder.device)
     fn(*args)
     torch.cuda.synchronize(holder.device)
     holder.num_warmed += 1
@@ -112,6 +118,16 @@ def capture_graph(holder, args: tuple, fn: Callable | None = None) -> tuple[torc
 
 def _skip_warm_ups() -> bool:
     return os.environ.get(capture_guard.ENV, "0") != "1" and capture_guard.available()
+
+
+def _on_every_tp_rank(ok: bool, device: torch.device) -> bool:
+    """Whether ok holds on every rank of this process's TP group (ok itself without one)."""
+    st = get_parallel_state()
+    if st.tp_size == 1 or st.tp_group is None:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=st.tp_group)
+    return bool(flag.item())
 
 
 def _capture(holder, args: tuple, fn: Callable) -> tuple[torch.cuda.CUDAGraph, object]:

@@ -271,6 +271,43 @@ def test_a_capture_that_needs_a_triton_build_is_redone_after_its_warm_up(monkeyp
     assert decode.outputs[(2, 4096)][0].item() == 13.0  # the second capture's forward (event 13)
 
 
+@pytest.mark.parametrize("other_rank_ok", [True, False], ids=["every-rank-captured", "another-rank-refused"])
+def test_tp_ranks_agree_on_which_graphs_take_a_warm_up_run(monkeypatch, other_rank_ok):
+    """Under tensor parallelism a later graph is kept only if every TP rank captured it without its warm-up (a
+    MIN over the TP group); where another rank refused a build, this rank drops its good capture too and warms
+    up with it: the warm-up runs' collectives would otherwise wait for a rank that skips them."""
+    import dataclasses
+
+    from meshserve.engine import cuda_graph
+
+    events: list = []
+    _recording_capture(monkeypatch, events, True)
+    group = object()
+    state = dataclasses.replace(cuda_graph.get_parallel_state(), tp_size=2, tp_group=group)
+    monkeypatch.setattr(cuda_graph, "get_parallel_state", lambda: state)
+
+    def all_reduce(flag, op, group):
+        events.append(("agree", int(flag.item()), group is state.tp_group))
+        if not other_rank_ok:
+            flag.zero_()
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+
+    def forward(input_ids, positions, meta, intermediate):
+        events.append(("forward", input_ids.shape[0]))
+        return torch.zeros(input_ids.shape[0])
+
+    decode = DecodeGraphs(forward, 2, 4096, 16, torch.device("cpu"))
+    decode.capture()
+    pool = decode.graphs[(2, 4096)].own_pool
+    expected = [("forward", 2), "sync", ("capture", None), ("forward", 2), "end",  # the first: warmed, no vote
+                ("capture", pool), ("forward", 1), "end", ("agree", 1, True)]
+    if not other_rank_ok:
+        expected += ["sync", ("forward", 1), "sync", ("capture", pool), ("forward", 1), "end"]
+    assert events == expected + ["sync"]
+    assert decode.num_warmed == (1 if other_rank_ok else 2)
+
+
 def _decode_meta(num_seqs: int, context: int):
     from meshserve.kernels.attention_metadata import AttentionMetadata
 

@@ -4,9 +4,10 @@ allocator's empty_cache at every capture's entry, would save.
 
 After the engine is up (its graphs captured as at start), every mixed-step and decode graph is captured again
 three ways, phase by phase (host seconds, summed over the graphs):
-  A  as the engine does (cuda_graph.capture_graph): eager warm-up run, synchronize, torch.cuda.graph enter
-     (synchronize + empty_cache), the captured forward, capture end
-  B  no warm-up run (every kernel was built by A: what a second capture pass would need)
+  A  every graph after an eager warm-up run (the engine's plain path, MESHSERVE_CAPTURE_WARMUP=1): warm-up run,
+     synchronize, torch.cuda.graph enter (synchronize + empty_cache), the captured forward, capture end
+  B  no warm-up run (every kernel was built by A; what the engine now does for every graph but a ladder's first,
+     cuda_graph.capture_graph with engine/capture_guard.py)
   C  B with empty_cache a no-op during the captures
 then a few graphs of C are replayed against A's outputs (bit-equal expected: same kernels, same inputs).
 

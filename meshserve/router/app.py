@@ -125,7 +125,8 @@ def build_router_app(config: RouterConfig, state: ServerState | None = None,
     for path in PROXIED_POST:
         app.add_api_route(path, proxied, methods=["POST"], include_in_schema=True)
     for path, methods in PROXIED_RESPONSE_ROUTES:
-        app.add_api_route(path, proxied, methods=methods)
+        for method in methods:  # a route a method: one route of two methods gave both one OpenAPI operation id
+            app.add_api_route(path, proxied, methods=[method])
     app.add_api_route("/v1/models", proxied, methods=["GET"])
 
     @app.get("/health")

@@ -330,3 +330,19 @@ def test_x_request_id_passes_through_both_ways(router):
         assert len(resp.headers["x-request-id"]) == 32  # the replica's own, passed on
     finally:
         up.stop()
+
+
+def test_the_openapi_schema_has_one_operation_a_route_and_method():
+    """The schema builds without FastAPI's duplicate-operation-id warning: the proxied Responses routes of two
+    methods (GET and DELETE /v1/responses/{response_id}) are one route a method."""
+    import warnings
+
+    from meshserve.router.app import build_router_app
+
+    app = build_router_app(RouterConfig(backends=[f"http://127.0.0.1:{free_port()}"], **QUIET))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = app.openapi()
+    assert set(schema["paths"]["/v1/responses/{response_id}"]) == {"get", "delete"}
+    ids = [op["operationId"] for item in schema["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids))

@@ -340,6 +340,7 @@ if __name__ == "__main__":
         moe_table,
         offline_table,
         one_gpu_w2_table,
+        one_h100_w2_table,
         pp_table,
         tenth_table,
     )
@@ -373,6 +374,8 @@ if __name__ == "__main__":
         print()
     if what in ("w2-one-gpu", "all"):
         print(one_gpu_w2_table())
+        print()
+        print(one_h100_w2_table())
         print()
     if what in ("moe", "all"):
         print(moe_table())

@@ -182,6 +182,39 @@ def one_gpu_w2_table() -> str:
     return "\n".join(lines)
 
 
+# W2 on one H100 (80GB HBM3), the forty-seventh session (2026-12-05, `tools/peer_side_by_side.sh MODEL`:
+# `meshserve bench throughput --model M --no-baseline --repeat 3`, bf16): every fit is the H200's, carried to the
+# H100 by the data sheet (calibration.toml: "the same fraction of that GPU's peak"), so these rows check that
+# assumption, out of sample: (model, the run's JSON under benchmarks/results).
+ONE_H100_W2 = (("qwen3-0.6b", "h100_1205_s47/qwen/ms_w2_qwen3-0.6b.json"),
+               ("llama-3.1-8b", "h100_1205_s47/llama/ms_w2_llama-3.1-8b.json"))
+
+
+def one_h100_w2_rows() -> list[dict]:
+    """ONE_H100_W2 replayed on the catalog's H100-SXM with each model's default fit."""
+    from meshserve.bench.workloads import w2_requests
+
+    reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
+    rows = []
+    for model, file in ONE_H100_W2:
+        meas = _result_json(file)
+        pred = replay_offline(model, 1, reqs, gpu="H100-SXM")
+        rows.append({"run": f"W2 {model}, bf16 (forty-seventh session, H100)", "pred": pred["duration_s"],
+                     "meas": meas["seconds"], "pred_blocks": pred["kv_blocks_per_replica"],
+                     "meas_blocks": meas["kv_blocks"], "goal": "w2_seconds", "file": file})
+    return rows
+
+
+def one_h100_w2_table() -> str:
+    lines = ["| run (one H100, the H200's fits by the data sheet) | simulated s | measured s | error | goal (within "
+             "10%) | KV blocks sim / measured | measured in |", "|---|---|---|---|---|---|---|"]
+    for r in one_h100_w2_rows():
+        lines.append(f"| {r['run']} | {r['pred']:.2f} | {r['meas']:.2f} | {r['pred'] / r['meas'] - 1:+.1%} | "
+                     f"{'met' if _met(r['pred'], r['meas'], r['goal']) else 'missed'} | "
+                     f"{r['pred_blocks']:,} / {r['meas_blocks']:,} | `{r['file']}` |")
+    return "\n".join(lines)
+
+
 # The seventh session's W2 runs on one 2 x H200 host (BENCHMARKS.md "Seventh session"). That engine shared
 # max_num_seqs 256 over its steps in flight (since 59a3776 each step may hold 256); for W2's 256 requests both give
 # every step the same sequences (ceil(running / depth)). The TP=2 run is the one calibration.toml's TP cost per

@@ -315,6 +315,21 @@ def test_one_gpu_w2_by_dtype_stays_where_planner_md_says():
     assert fp8_kv["pred"] < 0.92 * fp8_kv["meas"]  # optimistic: the kernel's ratio at batch 64-256 only
 
 
+@pytest.mark.skipif(not (RESULTS / "h100_1205_s47").is_dir(), reason="measured results not in this checkout")
+def test_w2_on_an_h100_by_the_h200_fits_is_the_known_pessimistic_miss():
+    """W2 on one H100 (validation_offline.ONE_H100_W2), priced by the H200's fits carried over by the data sheet:
+    both models come out 12-13% slow (PLANNER.md: the 8B's KV factor holds per-sequence costs that do not scale
+    with bandwidth, and the fits predate the kernels that made batch 1 faster), a miss of the 10% goal kept in
+    view (within 15%, pessimistic) until an H100 step trace refits it; the KV pool within 0.5%."""
+    from meshserve.simulator.validation_offline import one_h100_w2_rows
+
+    rows = one_h100_w2_rows()
+    assert len(rows) == 2
+    for r in rows:
+        assert 1.10 < r["pred"] / r["meas"] < 1.15, r["run"]
+        assert r["pred_blocks"] == pytest.approx(r["meas_blocks"], rel=0.005), r["run"]
+
+
 @pytest.mark.skipif(not (RESULTS / "h200_1202_s18").is_dir(), reason="measured results not in this checkout")
 def test_moe_and_mla_rows_stay_where_planner_md_says():
     """Qwen3-30B-A3B and DeepSeek-V2-Lite on one H200 (validation_offline.MOE_ONE_GPU): the two fitted W1 rows on their

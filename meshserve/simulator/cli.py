@@ -430,9 +430,9 @@ def run_simulate(ns: argparse.Namespace) -> int:
     report["assumptions"] = [
         (f"GPU prices are the catalog's assumed on-demand $/GPU-hour ({report['cost']['usd_per_gpu_hour']:.2f} "
         f"for {report['gpu']}), not quotes"),
-        (f"step times: the engine's step-time model with weights fitted to H200 step traces (calibration.toml's "
+        (f"step times: the engine's step-time model with weights fitted to our measurements (calibration.toml's "
          f"{_fit_of(report.get('calibration', ns.calibration))}), scaled to other GPUs and models by their "
-         "data-sheet bandwidth and FLOP/s"
+         "data-sheet bandwidth and FLOP/s (a fit of one GPU kind priced another 12-13% slow: PLANNER.md)"
         + ("; step-time noise (measured / predicted) and host gaps between steps as that trace's engine showed "
            "them, the same on every GPU" if ns.step_noise == "on" else "; no step-time noise")),
         (f"each of a replica's {ns.api_server_count} API process(es) is one CPU queue: "

@@ -292,9 +292,9 @@ class SimConfig:
 
     @property
     def calibration_section(self) -> str:
-        """The calibration.toml fit this simulation takes: `calibration`, with "default" the model's own fit
-        where calibration.toml lists one (step_cost.calibration_for)."""
-        return calibration_for(self.calibration, find_preset(self.model) or self.model)
+        """The calibration.toml fit this simulation takes: `calibration`, with "default" the GPU's or the model's
+        own fit where calibration.toml lists one (step_cost.calibration_for)."""
+        return calibration_for(self.calibration, find_preset(self.model) or self.model, self.gpu_spec().name)
 
     @property
     def router_costs(self) -> RouterCosts:

@@ -51,12 +51,15 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.toml")
 
 @dataclass(frozen=True)
 class StepWeights:
-    """The four weights of StepTimeModel: constant (ms), dense and KV factors, mixed-step cost (ms)."""
+    """The four weights of StepTimeModel: constant (ms), dense and KV factors, mixed-step cost (ms); and, beyond
+    the engine's model, seq_us: a cost per sequence of the step (us) that a fit may have apart from its KV term
+    (fit_curve_weights; 0 for the step-trace fits, whose KV factor holds it)."""
 
     constant_ms: float
     dense_factor: float
     kv_factor: float
     mixed_ms: float
+    seq_us: float = 0.0
 
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.constant_ms, self.dense_factor, self.kv_factor, self.mixed_ms)
@@ -64,7 +67,7 @@ class StepWeights:
 
 # the tables a fit may take from another (its `carries` key) when it has none of its own: what its trace could not
 # measure (a one-GPU trace knows nothing of TP or of the pipeline's host)
-CARRIED_TABLES = ("tp", "pipeline")
+CARRIED_TABLES = ("tp", "pipeline", "eager", "step_noise")
 
 
 def calibration_sections() -> dict:
@@ -82,23 +85,29 @@ def calibration_entry(name: str = "default") -> dict:
         fits = [k for k, v in sections.items() if isinstance(v, str) or "constant_ms" in v]
         raise InvalidArgumentError(f"no calibration {name!r}; calibration.toml has {', '.join(fits)}",
                                    param="calibration")
-    donor = sections.get(entry.get("carries", ""), {})
+    donor = calibration_entry(entry["carries"]) if entry.get("carries") else {}  # with what it carries in turn
     return {**{k: donor[k] for k in CARRIED_TABLES if k in donor}, **entry}
 
 
-def calibration_for(name: str, model: str) -> str:
-    """The fit a simulation of `model` takes for --calibration `name`: "default" is the model's own fit where
-    calibration.toml's default_by_model lists one (a step trace of that model), else the default alias."""
+def calibration_for(name: str, model: str, gpu: str | None = None) -> str:
+    """The fit a simulation of `model` on `gpu` takes for --calibration `name`: "default" is the GPU's own fit of
+    the model, or of any model ("*"), where calibration.toml's default_by_gpu lists one (fits measured on that
+    GPU kind); else the model's own fit where default_by_model lists one (a step trace of that model); else the
+    default alias (carried to the GPU by the data sheet)."""
     if name != "default":
         return name
-    return calibration_sections().get("default_by_model", {}).get(model.lower(), name)
+    sections = calibration_sections()
+    by_gpu = sections.get("default_by_gpu", {}).get(gpu or "", {})
+    fit = by_gpu.get(model.lower()) or by_gpu.get("*")
+    return fit or sections.get("default_by_model", {}).get(model.lower(), name)
 
 
 def load_calibration(name: str = "default") -> StepWeights:
     """Weights from a section of calibration.toml (a fit of one of our own H200 step traces), or from the
     section that an alias such as "default" names."""
     entry = calibration_entry(name)
-    return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"])
+    return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"],
+                       entry.get("seq_us", 0.0))
 
 
 @dataclass(frozen=True)
@@ -256,7 +265,7 @@ class StepCost:
         if pp > 1:
             share = shard.num_layers / model.num_layers
             self.weights = StepWeights(self.weights.constant_ms, self.weights.dense_factor, self.weights.kv_factor,
-                                       self.weights.mixed_ms * share)
+                                       self.weights.mixed_ms * share, self.weights.seq_us * share)
             weight_bytes = stage_read_bytes(model, tp, pp, weight_dtype, kv_dtype, layer_partition, ep)[stage]
             bf16_bytes = stage_read_bytes(model, tp, pp, "bf16", "bf16", layer_partition, ep)[stage]
         # a narrower dtype: its measured time (DtypeTime), as the bytes the fit's bandwidth term would read
@@ -305,6 +314,9 @@ class StepCost:
         # per step: each MoE layer's routing and alignment launch (calibration.toml [moe] route_us), each MLA
         # layer's own launches (latent projections, absorbed q and output: [mla] layer_us)
         self._fixed_s = (shard.num_moe_layers * moe_costs.route_us + shard.num_layers * mla.layer_us) * 1e-6
+        # the fit's cost per sequence (StepWeights.seq_us), not divided by tp: sampling rows and host work do not
+        # shrink with it (an assumption: no TP run has measured it)
+        self._seq_s = self.weights.seq_us * 1e-6
 
     def comm_s(self, num_tokens: int) -> float:
         """Two all-reduces per layer of the step's hidden states (0 without TP)."""
@@ -325,9 +337,9 @@ class StepCost:
         return self.comm_s(num_tokens) + (fixed + per_seq * num_seqs)
 
     def extra_s(self, num_tokens: int, num_seqs: int) -> float:
-        """What the step model's terms leave out: TP's (tp_s), the MoE layers' routing (MoeCosts) and the MLA
-        layers' own launches (MlaCosts)."""
-        return self.tp_s(num_tokens, num_seqs) + self._fixed_s
+        """What the step model's terms leave out: TP's (tp_s), the MoE layers' routing (MoeCosts), the MLA
+        layers' own launches (MlaCosts) and the fit's cost per sequence (seq_us; 0.0 for step-trace fits)."""
+        return self.tp_s(num_tokens, num_seqs) + self._fixed_s + self._seq_s * num_seqs
 
     def __call__(self, shape: StepShape) -> float:
         return self.model.predict(shape) + self.extra_s(shape.num_tokens, shape.num_seqs)
@@ -431,10 +443,54 @@ def fit_step_weights(rows: list[dict], weight_bytes: float, kv_bytes_per_token: 
     return StepWeights(*(float(v) for v in theta)), err
 
 
-if __name__ == "__main__":  # refit: python -m meshserve.simulator.step_cost TRACE[,TRACE...] [GPU] [MODEL]
+def curve_points(curve: dict) -> tuple[list[tuple[int, float]], float]:
+    """A `bench latency --curve` JSON's decode points as (batch, ms a step) and the mean KV context a sequence
+    holds over them (its prompt plus half its output)."""
+    rows = [r for r in curve["results"] if r.get("workload", "").startswith("decode-b")]
+    if not rows:
+        raise InvalidArgumentError("the curve JSON has no decode-b* results", param="curve")
+    context = rows[0]["input_len"] + rows[0]["output_len"] / 2
+    return [(r["batch"], r["batch"] / r["output_tok_per_s"] * 1e3) for r in rows], context
+
+
+def fit_curve_weights(points: list[tuple[int, float]], context: float, weight_bytes: float,
+                      kv_bytes_per_token: float, rates: DeviceRates, kv_factor: float,
+                      mixed_ms: float) -> tuple[StepWeights, float]:
+    """Weights from a decode curve (batch, ms a step) at short contexts, with the KV factor given: the decode
+    kernel's measured read rate (the data sheet's bandwidth over it), since the curve's KV reads are too small
+    to fit it. Fitted: the constant, the dense factor and a cost per sequence (seq_us), which a step trace of
+    one context length cannot tell from its KV term (PLANNER.md, "W2 on an H100"). mixed_ms is taken as given
+    (a decode curve has no prefill). Returns the weights and the mean |fitted - measured| / measured."""
+    model = StepTimeModel(weight_bytes, kv_bytes_per_token, rates)
+    x, y = [], []
+    for n, ms in points:
+        dense, kv, _ = model._terms(StepShape(n, n, round(n * context)))
+        x.append([1.0, dense, n * 1e-3])
+        y.append(ms - kv_factor * kv)
+    x, y = np.array(x), np.array(y)
+    (constant, dense_factor, seq_us), *_ = np.linalg.lstsq(x, y, rcond=None)
+    measured = np.array([ms for _, ms in points])
+    err = float(np.mean(np.abs(x @ [constant, dense_factor, seq_us] + (measured - y) - measured) / measured))
+    return StepWeights(float(constant), float(dense_factor), kv_factor, mixed_ms, float(seq_us)), err
+
+
+if __name__ == "__main__":
+    # refit: python -m meshserve.simulator.step_cost TRACE[,TRACE...] [GPU] [MODEL]
+    #        python -m meshserve.simulator.step_cost --curve CURVE.json GPU MODEL KV_FACTOR MIXED_MS
     from meshserve.planner.hardware import get_gpu
     from meshserve.planner.model import load_model
 
+    if sys.argv[1] == "--curve":
+        gpu, model_name = get_gpu(sys.argv[3]), sys.argv[4]
+        shard = stage_shard(load_model(model_name), Layout(), 0)
+        points, context = curve_points(json.loads(Path(sys.argv[2]).read_text()))
+        w, e = fit_curve_weights(points, context, shard.weight_bytes, shard.kv_bytes_per_token,
+                                 DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16")), float(sys.argv[5]),
+                                 float(sys.argv[6]))
+        print(f"# {len(points)} decode points, context {context:.0f}\nconstant_ms = {w.constant_ms:.4f}\n"
+              f"dense_factor = {w.dense_factor:.4f}\nkv_factor = {w.kv_factor:.4f}\nmixed_ms = {w.mixed_ms:.4f}\n"
+              f"seq_us = {w.seq_us:.3f}\nmean_abs_error = {e:.3f}")
+        sys.exit(0)
     gpu = get_gpu(sys.argv[2] if len(sys.argv) > 2 else "H200")
     shard = stage_shard(load_model(sys.argv[3] if len(sys.argv) > 3 else "llama-3.1-8b"), Layout(), 0)
     rows = read_step_traces(sys.argv[1])

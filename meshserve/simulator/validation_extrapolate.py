@@ -10,8 +10,9 @@ from meshserve.simulator.fleet import simulate
 from meshserve.simulator.frontend import FRONTEND_H200
 
 EXTRAPOLATION_ASSUMPTIONS = (
-    "W3 lengths (512 in, 128 out), Poisson arrivals, 300 s, seed 3; the H200 8B step calibration carried to other "
-    "GPUs and models at the same fraction of each GPU's data-sheet bandwidth and FLOP/s; TP all-reduces by the "
+    "W3 lengths (512 in, 128 out), Poisson arrivals, 300 s, seed 3; the H100's own 8B step calibration on H100s, the "
+    "H200's carried to the other GPUs and models at the same fraction of each GPU's data-sheet bandwidth and FLOP/s "
+    "(on the H100 that was 12-13% pessimistic); TP all-reduces by the "
     "planner's ring model on the catalog's NVLink and the H200 TP=2 per-layer costs (calibration.toml's tp table: "
     "15.9 us per layer and 0.82 us per layer per sequence, x (1 - 1/tp)) carried to every GPU and TP; each "
     "replica's API process as measured on the H200 host "

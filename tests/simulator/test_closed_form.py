@@ -9,7 +9,7 @@ import pytest
 from meshserve.engine.step_time import StepShape
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
-from meshserve.simulator.step_cost import StepCost
+from meshserve.simulator.step_cost import StepCost, load_calibration
 from meshserve.simulator.trace import SimRequest, poisson_trace
 
 
@@ -63,7 +63,7 @@ def test_fixed_batch_calibrated_steps_sum_by_hand():
     context grows by one token per sequence per step, each priced by StepCost on its own shape."""
     n, prompt, out = 8, 300, 40
     config = SimConfig(gpu="H100-SXM", num_blocks=4096)
-    cost = StepCost(config.model_spec(), config.gpu_spec())
+    cost = StepCost(config.model_spec(), config.gpu_spec(), weights=load_calibration(config.calibration_section))
     expected = cost(StepShape(n * prompt, n, n * prompt))
     # decode step k (1..O-1) computes the K/V of token prompt + k - 1, after which each sequence holds prompt + k
     expected += sum(cost(StepShape(n, n, n * (prompt + k))) for k in range(1, out))

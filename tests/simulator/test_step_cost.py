@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from pathlib import Path
@@ -97,19 +98,79 @@ def test_default_is_the_fit_of_the_engine_with_mixed_step_graphs():
 
 
 def test_default_is_a_models_own_fit_where_it_has_one():
-    """--calibration default: qwen3-0.6b (by preset or HF id) its own fit, which carries the 8B's TP and
-    pipeline tables (no such run of it); any other model the 8B's; a named fit is taken as named."""
+    """--calibration default on a GPU without fits of its own (the H200's are the default alias and
+    default_by_model): qwen3-0.6b (by preset or HF id) its own fit, which carries the 8B's TP and pipeline tables
+    (no such run of it); any other model the 8B's; a named fit is taken as named."""
     from meshserve.simulator.config import SimConfig
     from meshserve.simulator.pipeline import load_host_costs
 
-    assert SimConfig(model="qwen3-0.6b").calibration_section == "h200_qwen3_0_6b"
-    assert SimConfig(model="Qwen/Qwen3-0.6B").calibration_section == "h200_qwen3_0_6b"
-    assert SimConfig(model="qwen3-8b").calibration_section == "default"
+    assert SimConfig(model="qwen3-0.6b", gpu="H200").calibration_section == "h200_qwen3_0_6b"
+    assert SimConfig(model="Qwen/Qwen3-0.6B", gpu="H200").calibration_section == "h200_qwen3_0_6b"
+    assert SimConfig(model="qwen3-8b", gpu="B200").calibration_section == "default"
     assert SimConfig(model="qwen3-0.6b", calibration="h200_mixed_graphs").calibration_section == "h200_mixed_graphs"
     assert calibration_for("default", "llama-3.1-8b") == "default"
     assert load_tp_costs("h200_qwen3_0_6b") == load_tp_costs("h200_mixed_graphs")
     assert load_host_costs("h200_qwen3_0_6b") == load_host_costs("h200_mixed_graphs")
     assert load_calibration("h200_qwen3_0_6b") != load_calibration("h200_mixed_graphs")
+
+
+def test_a_gpu_with_fits_of_its_own_takes_them_by_model_then_for_every_model():
+    """default_by_gpu: an H100 takes the H100 fit of the model (by preset or HF id), the 8B's H100 fit for any
+    other model (the "*" entry), before default_by_model; those fits carry the H200 fits' TP, pipeline, eager
+    and step-noise tables (their own curves measured none), each through what its donor carries in turn."""
+    from meshserve.simulator.config import SimConfig
+    from meshserve.simulator.step_cost import calibration_entry
+
+    assert SimConfig(model="qwen3-0.6b").calibration_section == "h100_qwen3_0_6b_curve"  # H100-SXM: the default
+    assert SimConfig(model="Qwen/Qwen3-0.6B").calibration_section == "h100_qwen3_0_6b_curve"
+    assert SimConfig(model="llama-3.1-8b").calibration_section == "h100_llama_3_1_8b_curve"
+    assert SimConfig(model="llama-3.1-70b").calibration_section == "h100_llama_3_1_8b_curve"
+    assert calibration_for("default", "qwen3-0.6b", "H100-SXM") == "h100_qwen3_0_6b_curve"
+    assert calibration_for("default", "qwen3-0.6b", "H200") == "h200_qwen3_0_6b"
+    assert calibration_for("h200_mixed_graphs", "qwen3-0.6b", "H100-SXM") == "h200_mixed_graphs"
+    qwen = calibration_entry("h100_qwen3_0_6b_curve")
+    assert qwen["eager"] == calibration_entry("h200_qwen3_0_6b")["eager"]  # its donor's own table
+    assert qwen["tp"] == calibration_entry("h200_mixed_graphs")["tp"]  # the donor's donor's
+    assert load_calibration("h100_qwen3_0_6b_curve").seq_us > 0 and load_calibration("h200_mixed_graphs").seq_us == 0
+
+
+def test_the_per_sequence_cost_adds_to_every_step_by_its_sequences():
+    """seq_us: every step costs seq_us x its sequences more, decode lines and step shapes alike, the rest of the
+    step as without it; a pipeline stage takes its layers' share of it."""
+    model, gpu = load_model("llama-3.1-8b"), get_gpu("H100-SXM")
+    base = load_calibration("h100_llama_3_1_8b_curve")
+    without = StepCost(model, gpu, weights=dataclasses.replace(base, seq_us=0.0))
+    with_ = StepCost(model, gpu, weights=base)
+    for shape in (StepShape(64, 64, 64 * 600), StepShape(1, 1, 900), StepShape(512, 3, 2000)):
+        assert with_(shape) - without(shape) == pytest.approx(base.seq_us * 1e-6 * shape.num_seqs, rel=1e-9)
+        assert with_.time_s(shape.num_tokens, shape.num_seqs, shape.context_tokens) == pytest.approx(with_(shape))
+    a, b = with_.decode_line(32, 32 * 500)
+    a0, b0 = without.decode_line(32, 32 * 500)
+    assert a - a0 == pytest.approx(base.seq_us * 1e-6 * 32) and b == b0
+    stage = StepCost(model, gpu, weights=base, pp=2, stage=0)
+    assert stage.weights.seq_us == pytest.approx(base.seq_us * 16 / 32)
+
+
+def test_a_curve_fit_gives_the_stored_h100_fit():
+    """fit_curve_weights on the forty-seventh session's H100 decode curve, with the kernel's measured KV rate,
+    gives calibration.toml's h100_llama_3_1_8b_curve (what its source line says was run)."""
+    import json
+
+    from meshserve.simulator.step_cost import curve_points, fit_curve_weights
+
+    path = RESULTS / "h100_1205_s47/llama/ms_curve_llama-3.1-8b.json"
+    if not path.exists():
+        pytest.skip("measured results not in this checkout")
+    points, context = curve_points(json.loads(path.read_text()))
+    assert [n for n, _ in points] == [1, 8, 32, 64, 128, 256] and context == 192
+    gpu, shard = get_gpu("H100-SXM"), stage_shard(load_model("llama-3.1-8b"), Layout(), 0)
+    stored = load_calibration("h100_llama_3_1_8b_curve")
+    w, err = fit_curve_weights(points, context, shard.weight_bytes, shard.kv_bytes_per_token,
+                               DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16")), stored.kv_factor,
+                               stored.mixed_ms)
+    for got, want in zip(dataclasses.astuple(w), dataclasses.astuple(stored)):
+        assert got == pytest.approx(want, abs=5e-4)
+    assert err < 0.05
 
 
 def test_gpus_and_tensor_parallelism():

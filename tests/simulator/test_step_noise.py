@@ -166,6 +166,7 @@ def test_noise_off_gives_the_fast_models_numbers_from_before_it():
     fast = simulate(
         SimConfig(
             gpu="H100-SXM",
+            calibration="h200_mixed_graphs",  # the fit of the numbers pinned (the H100's default before its own)
             num_gpus=2,
             replica_model="fast",
             frontend_request_s=0.0087,

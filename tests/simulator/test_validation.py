@@ -316,17 +316,18 @@ def test_one_gpu_w2_by_dtype_stays_where_planner_md_says():
 
 
 @pytest.mark.skipif(not (RESULTS / "h100_1205_s47").is_dir(), reason="measured results not in this checkout")
-def test_w2_on_an_h100_by_the_h200_fits_is_the_known_pessimistic_miss():
-    """W2 on one H100 (validation_offline.ONE_H100_W2), priced by the H200's fits carried over by the data sheet:
-    both models come out 12-13% slow (PLANNER.md: the 8B's KV factor holds per-sequence costs that do not scale
-    with bandwidth, and the fits predate the kernels that made batch 1 faster), a miss of the 10% goal kept in
-    view (within 15%, pessimistic) until an H100 step trace refits it; the KV pool within 0.5%."""
+def test_w2_on_an_h100_within_the_goal_by_its_own_fits_and_not_by_the_h200s():
+    """W2 on one H100 (validation_offline.ONE_H100_W2): by the H100's own fits (the same lease's decode curves and
+    the decode kernel's measured KV rate; W2 out of sample) within the goal's 10% (-4.1%, -3.5%); by the model's
+    H200 fit carried by the data sheet, the +12-13% pessimistic miss PLANNER.md explains; the KV pool within 0.5%."""
     from meshserve.simulator.validation_offline import one_h100_w2_rows
 
     rows = one_h100_w2_rows()
     assert len(rows) == 2
     for r in rows:
-        assert 1.10 < r["pred"] / r["meas"] < 1.15, r["run"]
+        assert r["pred"] == pytest.approx(r["meas"], rel=0.05), r["run"]
+        assert 1.10 < r["pred_h200_fit"] / r["meas"] < 1.15, r["run"]
+        assert r["h200_fit"].startswith("h200_")
         assert r["pred_blocks"] == pytest.approx(r["meas_blocks"], rel=0.005), r["run"]
 
 

@@ -4,8 +4,10 @@ The engine predicts each step's device time from its shape (new tokens, sequence
 StepTimeModel (meshserve/engine/step_time.py): data-sheet times for the weights/FLOPs and the KV reads, a
 constant, and a fixed extra cost for a step that carries prefill (it runs outside CUDA graphs). Online it fits
 those four weights to the steps it measures; here they are fitted once, offline, to a `--step-trace` file of a
-real run (calibration.toml holds the result and where it came from), and reused for the GPU and model being
-simulated, whose data-sheet rates come from the planner's catalog. A model with a step trace of its own has its
+real run or to a decode curve (calibration.toml holds the result and where it came from), and reused for the GPU
+and model being simulated, whose data-sheet rates come from the planner's catalog. A GPU kind with fits of its own
+(default_by_gpu: the H100's) takes them; the others take the H200's, which priced W2 on a real H100 12-13% slow
+(a fit on one GPU cannot tell the costs that scale with bandwidth from those that do not: PLANNER.md). A model with a step trace of its own has its
 own fit, which `--calibration default` takes for it (calibration_for: Qwen3-0.6B, whose fixed costs per step the
 8B's fit hid under its 16 GB of weight reads).
 
@@ -103,8 +105,8 @@ def calibration_for(name: str, model: str, gpu: str | None = None) -> str:
 
 
 def load_calibration(name: str = "default") -> StepWeights:
-    """Weights from a section of calibration.toml (a fit of one of our own H200 step traces), or from the
-    section that an alias such as "default" names."""
+    """Weights from a section of calibration.toml (a fit of our own measurements: step traces, or decode curves
+    with fit_curve_weights), or from the section that an alias such as "default" names."""
     entry = calibration_entry(name)
     return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"],
                        entry.get("seq_us", 0.0))
@@ -462,16 +464,17 @@ def fit_curve_weights(points: list[tuple[int, float]], context: float, weight_by
     one context length cannot tell from its KV term (PLANNER.md, "W2 on an H100"). mixed_ms is taken as given
     (a decode curve has no prefill). Returns the weights and the mean |fitted - measured| / measured."""
     model = StepTimeModel(weight_bytes, kv_bytes_per_token, rates)
-    x, y = [], []
-    for n, ms in points:
+    x, kv_ms = [], []
+    for n, _ in points:
         dense, kv, _ = model._terms(StepShape(n, n, round(n * context)))
         x.append([1.0, dense, n * 1e-3])
-        y.append(ms - kv_factor * kv)
-    x, y = np.array(x), np.array(y)
-    (constant, dense_factor, seq_us), *_ = np.linalg.lstsq(x, y, rcond=None)
+        kv_ms.append(kv_factor * kv)
+    x, kv_ms = np.array(x), np.array(kv_ms)
     measured = np.array([ms for _, ms in points])
-    err = float(np.mean(np.abs(x @ [constant, dense_factor, seq_us] + (measured - y) - measured) / measured))
-    return StepWeights(float(constant), float(dense_factor), kv_factor, mixed_ms, float(seq_us)), err
+    theta, *_ = np.linalg.lstsq(x, measured - kv_ms, rcond=None)
+    err = float(np.mean(np.abs(x @ theta + kv_ms - measured) / measured))
+    constant, dense_factor, seq_us = (float(v) for v in theta)
+    return StepWeights(constant, dense_factor, kv_factor, mixed_ms, seq_us), err
 
 
 if __name__ == "__main__":

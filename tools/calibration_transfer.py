@@ -1,7 +1,8 @@
 """Do step-time fits travel between GPU kinds? (PLANNER.md, "W2 on an H100: the H200's fits by the data sheet, and
 the H100's own".) For each model: fit the H200's and the H100's decode curves (step_cost.fit_curve_weights, the KV
 factor fixed at each GPU's measured decode-kernel read rate), then price W2 with each fit on its own GPU and with
-the H200's fit carried to the H100 by the data sheet, against the W2 measured on each.
+each GPU's fit carried to the other by the data sheet, against the W2 measured on each (the H200's pair is
+from an older build than the H100's: read the H100 -> H200 line with that in mind).
 
 usage: python tools/calibration_transfer.py
 """
@@ -65,7 +66,8 @@ def main() -> None:
             w = fits[gpu_name]
             print(f"{model} {gpu_name} curve fit: constant {w.constant_ms:.3f} ms, dense {w.dense_factor:.3f}, kv "
                   f"{w.kv_factor:.3f}, seq {w.seq_us:.2f} us (curve error {err:.1%})")
-        for fit_gpu, gpu_name in (("H200", "H200"), ("H100-SXM", "H100-SXM"), ("H200", "H100-SXM")):
+        for fit_gpu, gpu_name in (("H200", "H200"), ("H100-SXM", "H100-SXM"), ("H200", "H100-SXM"),
+                                  ("H100-SXM", "H200")):
             pred = w2_seconds(model, gpu_name, fits[fit_gpu])
             print(f"  W2 on {gpu_name} by the {fit_gpu} fit: {pred:.2f} s against {measured[gpu_name]:.2f} "
                   f"({pred / measured[gpu_name] - 1:+.1%})")

@@ -108,7 +108,7 @@ def capture_graph(holder, args: tuple, fn: Callable | None = None) -> tuple[torc
                 logger.warning("a CUDA-graph capture without its warm-up run failed (%s); warming up first", e)
         if _on_every_tp_rank(captured is not None, holder.device):
             return captured
-        captured = None
+        captured = None  # this rank's graph, if it made one, goes too (freed before the warm-up run)
         torch.cuda.synchronize(holder.device)
     fn(*args)
     torch.cuda.synchronize(holder.device)

@@ -6,7 +6,7 @@ multiple of 64 / 128 (whether M = 224's tile choice is the loss), gate_up with t
 after it (what a fused epilogue would save), and, with --autotune, Inductor's max-autotune
 (its Triton GEMM templates raced against cuBLAS on the spot: the best config found, if any beats cuBLAS).
 
-usage (device): python tools/bench_w2_projections.py [--m 128,192,224,256] [--autotune] [--json PATH]
+usage (device): python tools/bench_w2_projections.py [--model M] [--m 128,192,224,256] [--autotune] [--json PATH]
 """
 
 from __future__ import annotations
@@ -25,6 +25,16 @@ from meshserve.kernels.triton_ops import silu_and_mul
 from tools.bench_fp8_step import graph_of, replay_ms
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+
+
+def shapes_of(model: str) -> dict[str, tuple[int, int]]:
+    """A dense model's four projections as (N, K), from the planner's model spec (--model)."""
+    from meshserve.planner.model import load_model
+
+    m = load_model(model)
+    q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    return {"qkv": (q + 2 * kv, m.hidden_size), "o": (m.hidden_size, q),
+            "gate_up": (2 * m.intermediate_size, m.hidden_size), "down": (m.hidden_size, m.intermediate_size)}
 REPS = 20  # launches per graph: one launch is a few us of a replay's overhead
 
 
@@ -41,9 +51,9 @@ def row(m: int, proj: str, kind: str, us: float, n: int, k: int) -> dict:
 
 
 @torch.inference_mode()
-def run(ms: list[int], autotune: bool) -> list[dict]:
+def run(ms: list[int], autotune: bool, shapes: dict[str, tuple[int, int]] = SHAPES) -> list[dict]:
     rows = []
-    for proj, (n, k) in SHAPES.items():
+    for proj, (n, k) in shapes.items():
         rows += bench_projection(proj, n, k, ms, autotune)
         torch.cuda.empty_cache()
     return rows
@@ -51,12 +61,14 @@ def run(ms: list[int], autotune: bool) -> list[dict]:
 
 def bench_projection(proj: str, n: int, k: int, ms: list[int], autotune: bool) -> list[dict]:
     rows = []
-    # 4 weight copies cycled: o's 33.5 MB would otherwise sit in the 50 MB L2 between launches
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(4)]
+    # weight copies cycled, >= 4 and >= 128 MB in all: o's 33.5 MB (or a small model's few MB) would otherwise
+    # sit in the 50 MB L2 between launches
+    copies = max(4, -(-(128 << 20) // (n * k * 2)))
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     it = iter(range(10**9))
 
     def linear(x):
-        return F.linear(x, ws[next(it) % 4])
+        return F.linear(x, ws[next(it) % len(ws)])
 
     for m in ms:
         x = torch.randn(max(256, -(-m // 128) * 128), k, device="cuda", dtype=torch.bfloat16)
@@ -90,16 +102,17 @@ def _autotuned_us(x: torch.Tensor, ws: list[torch.Tensor], gated: bool = False) 
     fn = torch.compile(gate_up_silu if gated else (lambda a, w: F.linear(a, w)), mode="max-autotune-no-cudagraphs",
                        dynamic=False)
     it = iter(range(10**9))
-    return time_us(lambda: fn(x, ws[next(it) % 4]))
+    return time_us(lambda: fn(x, ws[next(it) % len(ws)]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", default="128,192,224,256")
+    ap.add_argument("--model", default="llama-3.1-8b", help="a dense preset of the planner (its four projections)")
     ap.add_argument("--autotune", action="store_true")
     ap.add_argument("--json", default="")
     ns = ap.parse_args()
-    rows = run([int(v) for v in ns.m.split(",")], ns.autotune)
+    rows = run([int(v) for v in ns.m.split(",")], ns.autotune, shapes_of(ns.model))
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(rows, f, indent=1)

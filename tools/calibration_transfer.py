@@ -21,11 +21,9 @@ from meshserve.planner.hardware import get_gpu
 from meshserve.planner.memory import stage_shard
 from meshserve.planner.model import load_model
 from meshserve.planner.parallel import Layout
-from meshserve.simulator.config import SimConfig
-from meshserve.simulator.fleet import simulate
 from meshserve.simulator.step_cost import calibration_for, curve_points, fit_curve_weights, load_calibration
-from meshserve.simulator.trace import SimRequest
 from meshserve.simulator.validation import RESULTS
+from meshserve.simulator.validation_offline import replay_offline
 
 # model: {gpu: (decode curve, W2 JSON, the decode kernel's measured KV read rate TB/s)}, each GPU's pair from one
 # session: the H200's the twenty-fifth (BENCHMARKS.md: the GQA bf16 kernel at 3.96 TB/s at batch 256), the H100's
@@ -46,9 +44,8 @@ RUNS = {
 
 
 def w2_seconds(model: str, gpu: str, weights) -> float:
-    reqs = [SimRequest(0.0, len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
-    config = SimConfig(model=model, gpu=gpu, max_model_len=4096, max_num_seqs=256)
-    return simulate(config, reqs, weights=weights)["duration_s"]
+    reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
+    return replay_offline(model, 1, reqs, gpu=gpu, weights=weights)["duration_s"]
 
 
 def main() -> None:

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
-from meshserve.simulator.step_cost import TpCosts, calibration_for, calibration_sections, load_tp_costs
+from meshserve.simulator.step_cost import (
+    StepWeights,
+    TpCosts,
+    calibration_for,
+    calibration_sections,
+    load_tp_costs,
+)
 from meshserve.simulator.trace import SimRequest
 from meshserve.simulator.validation import (
     BEFORE_GRAPHS,
@@ -28,18 +34,20 @@ def replay_offline(model: str, tp: int, requests: list[tuple[int, int]], gpu: st
                    calibration: str = "default", pp: int = 1, pipeline_depth: int = 0,
                    pp_host_step_s: float | None = None, pp_round_trip_s: float | None = None,
                    pp_token_handoff: bool = False, pp_layer_partition: tuple[int, ...] | None = None,
-                   tp_fused_norm: str = "", weight_dtype: str | None = None, kv_dtype: str = "bf16") -> dict:
+                   tp_fused_norm: str = "", weight_dtype: str | None = None, kv_dtype: str = "bf16",
+                   weights: StepWeights | None = None) -> dict:
     """requests: (prompt tokens, output tokens) all at t = 0, the engine's offline settings (bench latency and
     throughput: max_model_len 4096, max_num_seqs 256); pp stages with pipeline_depth steps in flight, the
     pipeline's host cost per step and the rest of its round trip (None: the calibration's), the token hand-off and the layer
-    partition; tp_fused_norm: the fused all-reduce + norm kernel ("", pull, push)."""
+    partition; tp_fused_norm: the fused all-reduce + norm kernel ("", pull, push); weights: step weights in place
+    of the calibration's (tools/calibration_transfer.py)."""
     config = SimConfig(model=model, gpu=gpu, num_gpus=tp * pp, tp=tp, pp=pp, pipeline_depth=pipeline_depth,
                        max_model_len=4096, max_num_seqs=256, calibration=calibration,
                        pp_host_step_s=pp_host_step_s,
                        pp_round_trip_s=pp_round_trip_s, pp_token_handoff=pp_token_handoff,
                        pp_layer_partition=pp_layer_partition, tp_fused_norm=tp_fused_norm,
                        weight_dtype=weight_dtype, kv_dtype=kv_dtype)
-    return simulate(config, [SimRequest(0.0, p, o) for p, o in requests])
+    return simulate(config, [SimRequest(0.0, p, o) for p, o in requests], weights=weights)
 
 
 # W2 on one H200 beside the dtypes (`meshserve bench throughput --model M --no-baseline --repeat N

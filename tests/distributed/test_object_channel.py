@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 
 import torch.distributed as dist
 
 from meshserve.distributed import process_start
 from meshserve.distributed.launch import free_port
 from meshserve.distributed.object_channel import ObjectChannel
+from tests.ranks import run_ranks
 
 # inline part, a little under and over it, and several times it (the size travels in the fixed buffer)
 SIZES = (0, 10, 120, 128, 129, 1000)
@@ -61,17 +61,6 @@ def test_objects_cross_whole_in_one_operation_when_small():
     # each imported torch: this was ~8 s of start-up for well under a second of exchange
     errors = process_start.context().Queue()
     port = free_port()
-    ranks = [process_start.new_process(_run, (rank, port, errors)) for rank in range(2)]
-    for p in ranks:
-        p.start()
-    deadline = time.monotonic() + 120
-    # until both are done, or one failed (the other may wait for it in a collective: it is killed)
-    while any(p.is_alive() for p in ranks) and not any(p.exitcode for p in ranks) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    codes = [p.exitcode for p in ranks]
-    for p in ranks:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    codes = run_ranks(_run, lambda rank: (rank, port, errors))
     assert errors.empty(), errors.get()
     assert codes == [0, 0]

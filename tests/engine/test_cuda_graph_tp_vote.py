@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import torch
 import torch.distributed as dist
 
 from meshserve.distributed import process_start
 from meshserve.distributed.launch import free_port
+from tests.ranks import run_ranks
 
 
 def _run(rank: int, port: int, results) -> None:
@@ -34,16 +34,6 @@ def _run(rank: int, port: int, results) -> None:
 def test_every_rank_keeps_a_graph_only_if_every_rank_captured_it():
     results = process_start.context().Queue()
     port = free_port()
-    ranks = [process_start.new_process(_run, (rank, port, results)) for rank in range(2)]
-    for p in ranks:
-        p.start()
-    deadline = time.monotonic() + 120
-    while any(p.is_alive() for p in ranks) and not any(p.exitcode for p in ranks) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for p in ranks:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    assert [p.exitcode for p in ranks] == [0, 0]
-    got = dict(results.get(timeout=5) for _ in ranks)
+    assert run_ranks(_run, lambda rank: (rank, port, results)) == [0, 0]
+    got = dict(results.get(timeout=5) for _ in range(2))
     assert got == {0: [True, False, False], 1: [True, False, False]}

@@ -6,7 +6,7 @@
 # The whole log: $OUT/gpu_tests.log; printed: the failures' summary lines and the last line.
 # The kernel tests in parallel (pytest-xdist is in the device image): `-n 12 --dist load tests/kernels/` ran 853
 # of them in 168 s on an H100 (serially ~100 in 326 s: Triton compiles dominate), but 12 workers on one 80 GB
-# card ran 19 of the large-shape tests out of memory (8k prefills, the 128,256-row LM head, MoE experts at
+# card ran 22 of the large-shape tests out of memory (8k prefills, the 128,256-row LM head, MoE experts at
 # model shapes): rerun the failures serially, or use fewer workers.
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"

@@ -477,28 +477,72 @@ def fit_curve_weights(points: list[tuple[int, float]], context: float, weight_by
     return StepWeights(constant, dense_factor, kv_factor, mixed_ms, seq_us), err
 
 
-if __name__ == "__main__":
-    # refit: python -m meshserve.simulator.step_cost TRACE[,TRACE...] [GPU] [MODEL]
-    #        python -m meshserve.simulator.step_cost --curve CURVE.json GPU MODEL KV_FACTOR MIXED_MS
+def _refit_parser(curve: bool):
+    import argparse
+
+    from meshserve.cli_types import non_negative_float, positive_float
+
+    prog = "python -m meshserve.simulator.step_cost"
+    if curve:
+        p = argparse.ArgumentParser(prog=f"{prog} --curve", description="Step weights from a decode curve "
+                                    "(`meshserve bench latency --curve ... --output-json`) with the KV factor given.")
+        p.add_argument("curve", metavar="CURVE.json")
+        p.add_argument("gpu", help="a GPU of the planner's catalog (e.g. H100-SXM)")
+        p.add_argument("model", help="a preset, an HF id of one, or a config.json path")
+        p.add_argument("kv_factor", type=positive_float, help="the data sheet's bandwidth over the decode kernel's")
+        p.add_argument("mixed_ms", type=non_negative_float, help="the extra time of a step carrying prefill")
+    else:
+        p = argparse.ArgumentParser(prog=prog, description="Step weights fitted to step traces "
+                                    "(`meshserve serve --step-trace FILE`); --curve CURVE.json ... for a decode curve.")
+        p.add_argument("traces", metavar="TRACE[,TRACE...]")
+        p.add_argument("gpu", nargs="?", default="H200")
+        p.add_argument("model", nargs="?", default="llama-3.1-8b")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The refit command: weights to paste into calibration.toml, from step traces or a decode curve. Bad input
+    (a missing or malformed file, an unknown GPU or model, a bad number) is one line on stderr, exit 2."""
     from meshserve.planner.hardware import get_gpu
     from meshserve.planner.model import load_model
 
-    if sys.argv[1] == "--curve":
-        gpu, model_name = get_gpu(sys.argv[3]), sys.argv[4]
-        shard = stage_shard(load_model(model_name), Layout(), 0)
-        points, context = curve_points(json.loads(Path(sys.argv[2]).read_text()))
-        w, e = fit_curve_weights(points, context, shard.weight_bytes, shard.kv_bytes_per_token,
-                                 DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16")), float(sys.argv[5]),
-                                 float(sys.argv[6]))
-        print(f"# {len(points)} decode points, context {context:.0f}\nconstant_ms = {w.constant_ms:.4f}\n"
-              f"dense_factor = {w.dense_factor:.4f}\nkv_factor = {w.kv_factor:.4f}\nmixed_ms = {w.mixed_ms:.4f}\n"
-              f"seq_us = {w.seq_us:.3f}\nmean_abs_error = {e:.3f}")
-        sys.exit(0)
-    gpu = get_gpu(sys.argv[2] if len(sys.argv) > 2 else "H200")
-    shard = stage_shard(load_model(sys.argv[3] if len(sys.argv) > 3 else "llama-3.1-8b"), Layout(), 0)
-    rows = read_step_traces(sys.argv[1])
-    w, e = fit_step_weights(rows, shard.weight_bytes, shard.kv_bytes_per_token,
-                            DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16")))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    curve = bool(argv) and argv[0] == "--curve"
+    parser = _refit_parser(curve)
+    ns = parser.parse_args(argv[1:] if curve else argv)
+    try:
+        gpu = get_gpu(ns.gpu)
+        shard = stage_shard(load_model(ns.model), Layout(), 0)
+        rates = DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16"))
+        if curve:
+            try:
+                points, context = curve_points(json.loads(Path(ns.curve).read_text()))
+            except (KeyError, TypeError, AttributeError, ZeroDivisionError):
+                raise InvalidArgumentError(f"{ns.curve}: not a `bench latency --curve` JSON", param="curve") from None
+            w, err = fit_curve_weights(points, context, shard.weight_bytes, shard.kv_bytes_per_token, rates,
+                                       ns.kv_factor, ns.mixed_ms)
+            print(f"# {len(points)} decode points, context {context:.0f}\nconstant_ms = {w.constant_ms:.4f}\n"
+                  f"dense_factor = {w.dense_factor:.4f}\nkv_factor = {w.kv_factor:.4f}\nmixed_ms = {w.mixed_ms:.4f}\n"
+                  f"seq_us = {w.seq_us:.3f}\nmean_abs_error = {err:.3f}")
+            return 0
+        try:
+            rows = read_step_traces(ns.traces)
+            if not rows:
+                raise InvalidArgumentError(f"{ns.traces}: no steps", param="traces")
+            w, err = fit_step_weights(rows, shard.weight_bytes, shard.kv_bytes_per_token, rates)
+        except (KeyError, TypeError, ZeroDivisionError, np.linalg.LinAlgError):
+            raise InvalidArgumentError(f"{ns.traces}: not a step trace (`meshserve serve --step-trace`)",
+                                       param="traces") from None
+    except InvalidArgumentError as e:
+        parser.error(str(e))
+    except (OSError, ValueError, tarfile.TarError) as e:  # a missing file, bad JSON (a ValueError), a bad archive
+        parser.error(f"{e.__class__.__name__}: {e}")
     print(f"# {len(rows)} steps\nweight_bytes = {shard.weight_bytes:.0f}\n"
-          f"kv_bytes_per_token = {shard.kv_bytes_per_token:.0f}\nconstant_ms = {w.constant_ms:.4f}\ndense_factor = {w.dense_factor:.4f}\n"
-          f"kv_factor = {w.kv_factor:.4f}\nmixed_ms = {w.mixed_ms:.4f}\nmean_abs_error = {e:.3f}")
+          f"kv_bytes_per_token = {shard.kv_bytes_per_token:.0f}\nconstant_ms = {w.constant_ms:.4f}\n"
+          f"dense_factor = {w.dense_factor:.4f}\nkv_factor = {w.kv_factor:.4f}\nmixed_ms = {w.mixed_ms:.4f}\n"
+          f"mean_abs_error = {err:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

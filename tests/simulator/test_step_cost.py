@@ -173,6 +173,45 @@ def test_a_curve_fit_gives_the_stored_h100_fit():
     assert err < 0.05
 
 
+def test_the_refit_command_prints_the_stored_fit_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """`python -m meshserve.simulator.step_cost --curve ...` (PLANNER.md's refit command) prints the stored Qwen
+    H100 fit from its source curve; a missing or foreign file, a bad number, GPU or model is argparse's one-line
+    error (exit 2), not a traceback."""
+    from meshserve.simulator.step_cost import main
+
+    curve = RESULTS / "h100_1205_s47/qwen/ms_curve_qwen3-0.6b.json"
+    if not curve.exists():
+        pytest.skip("measured results not in this checkout")
+    stored = load_calibration("h100_qwen3_0_6b_curve")
+    assert main(["--curve", str(curve), "H100-SXM", "qwen3-0.6b", str(stored.kv_factor), str(stored.mixed_ms)]) == 0
+    printed = dict(line.split(" = ") for line in capsys.readouterr().out.splitlines() if " = " in line)
+    assert float(printed["seq_us"]) == pytest.approx(stored.seq_us, abs=1e-3)
+    assert float(printed["constant_ms"]) == pytest.approx(stored.constant_ms, abs=1e-3)
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("hello")
+    foreign = tmp_path / "other.json"
+    foreign.write_text('{"results": [{"workload": "decode-b1"}]}')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for argv, says in [
+        (["--curve", str(tmp_path / "missing.json"), "H100-SXM", "qwen3-0.6b", "1.1", "1"], "No such file"),
+        (["--curve", str(not_json), "H100-SXM", "qwen3-0.6b", "1.1", "1"], "JSONDecodeError"),
+        (["--curve", str(foreign), "H100-SXM", "qwen3-0.6b", "1.1", "1"], "not a `bench latency --curve` JSON"),
+        (["--curve", str(curve), "H100-SXM", "qwen3-0.6b", "-1", "1"], "must be > 0"),
+        (["--curve", str(curve), "H100-SXM", "qwen3-0.6b", "abc", "1"], "expected a number"),
+        (["--curve", str(curve), "NOPE", "qwen3-0.6b", "1.1", "1"], "unknown GPU"),
+        (["--curve", str(curve), "H100-SXM", "no-such-model", "1.1", "1"], "neither a preset"),
+        ([str(empty)], "no steps"),
+        ([str(not_json)], "JSONDecodeError"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("python -m meshserve.simulator.step_cost")
+
+
 def test_gpus_and_tensor_parallelism():
     model = load_model("llama-3.1-8b")
     decode = StepShape(64, 64, 64 * 600)

@@ -90,7 +90,8 @@ def fit_eager_costs(rows: list[dict], cost, after_tokens: int,
     return EagerStepCosts(after_tokens, per_token_us(dev_x, dev_y), per_token_us(gap_x, gap_y)), len(dev_x)
 
 
-if __name__ == "__main__":  # refit: python -m meshserve.simulator.eager_steps TRACE [CALIBRATION] [MODEL] [AFTER]
+def _main() -> None:
+    """refit: python -m meshserve.simulator.eager_steps TRACE [CALIBRATION] [MODEL] [AFTER]"""
     from meshserve.planner.hardware import get_gpu
     from meshserve.planner.model import load_model
     from meshserve.simulator.step_cost import StepCost, calibration_for, load_calibration, read_step_trace
@@ -109,3 +110,9 @@ if __name__ == "__main__":  # refit: python -m meshserve.simulator.eager_steps T
             by_bin, m = fit_eager_costs(part, base, costs.after_tokens)
             print(f"# {lo}-{hi - 1} tokens: {m} steps, device {by_bin.device_token_us:.2f} us per token")
         lo = hi
+
+
+if __name__ == "__main__":
+    from meshserve.simulator.script_main import run_script
+
+    run_script(_main, "meshserve.simulator.eager_steps")

@@ -218,7 +218,8 @@ class NoiseStream:
         return walls, devices
 
 
-if __name__ == "__main__":  # fit: python -m meshserve.simulator.step_noise TRACE[,TRACE...] [CALIBRATION] [GPU] [MODEL]
+def _main() -> None:
+    """fit: python -m meshserve.simulator.step_noise TRACE[,TRACE...] [CALIBRATION] [GPU] [MODEL]"""
     import sys
 
     from meshserve.engine.step_time import StepShape
@@ -238,3 +239,9 @@ if __name__ == "__main__":  # fit: python -m meshserve.simulator.step_noise TRAC
         source=args[0],
     )
     print(fitted.as_toml())
+
+
+if __name__ == "__main__":
+    from meshserve.simulator.script_main import run_script
+
+    run_script(_main, "meshserve.simulator.step_noise")

@@ -345,7 +345,14 @@ if __name__ == "__main__":
         tenth_table,
     )
 
+    TABLES = ("all", "fit-tp", "fit-pp-host", "dp", "cli", "w3", "w3-noise", "offline", "pp", "tenth", "w2-one-gpu",
+              "moe", "faults", "extrapolate")
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if len(sys.argv) > 2 or what not in TABLES:
+        from meshserve.simulator.script_main import fail
+
+        fail("meshserve.simulator.validation",
+             f"expected one of {', '.join(TABLES)}; got {' '.join(sys.argv[1:])!r}")
     if what == "fit-tp":
         print(f"layer_seq_us = {fit_tp().layer_seq_us:.2f}")
     if what == "fit-pp-host":

@@ -134,4 +134,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from meshserve.simulator.script_main import run_script
+
+    run_script(lambda: main(sys.argv[1:]), "meshserve.simulator.validation_cycles")

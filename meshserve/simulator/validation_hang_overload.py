@@ -25,6 +25,7 @@ import statistics
 import sys
 from collections import Counter
 
+from meshserve.errors import InvalidArgumentError
 from meshserve.simulator.faults import FaultRun
 from meshserve.simulator.faults_hang import HungReplica, run_hung
 from meshserve.simulator.faults_overload import Bursts, run_bursts
@@ -152,6 +153,8 @@ def _pair(s, m) -> str:
 
 def main(argv: list[str]) -> None:
     what = argv[0] if argv else "all"
+    if len(argv) > 1 or what not in ("all", "hung", "overload"):
+        raise InvalidArgumentError(f"expected one of all, hung, overload; got {' '.join(argv)!r}", param="what")
     hung = [load_round(p) for p in _rounds("hung_round")]
     if what in ("hung", "all"):
         for path, measured in zip(_rounds("hung_round"), hung, strict=True):
@@ -174,4 +177,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from meshserve.simulator.script_main import run_script
+
+    run_script(lambda: main(sys.argv[1:]), "meshserve.simulator.validation_hang_overload")

@@ -208,7 +208,13 @@ def chunk0_table(step_noise: bool = False) -> str:
 
 
 if __name__ == "__main__":
+    TABLES = ("all", "replay", "noise", "chunks", "chunk0")
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if len(sys.argv) > 2 or what not in TABLES:
+        from meshserve.simulator.script_main import fail
+
+        fail("meshserve.simulator.validation_qwen",
+             f"expected one of {', '.join(TABLES)}; got {' '.join(sys.argv[1:])!r}")
     if what in ("replay", "all"):
         print(replay_table(step_noise=False), end="\n\n")
     if what in ("noise", "all"):

@@ -5,6 +5,7 @@ simulation or a benchmark has run for minutes (its results lost)."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 from meshserve.errors import InvalidArgumentError
 
@@ -46,8 +47,11 @@ def check_output_folder(path: str | None, flag: str) -> None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise InvalidArgumentError(f"{flag} {path}: {probe} is a file, not a folder", param=_param(flag))
-    if not os.access(probe, os.W_OK):
-        raise InvalidArgumentError(f"{flag} {path}: {probe} is not writable", param=_param(flag))
+    try:  # a real folder made and removed, not os.access: root passes access checks on read-only and special
+        os.rmdir(tempfile.mkdtemp(prefix=".meshserve-probe-", dir=probe))  # file systems (/proc, a ro mount)
+    except OSError as e:
+        raise InvalidArgumentError(f"{flag} {path}: {probe} is not writable ({e.strerror or e})",
+                                   param=_param(flag)) from None
 
 
 def check_input_file(path: str | None, flag: str) -> None:

@@ -73,6 +73,8 @@ REFUSED = [
     (["serve", "--request-log", "/nonexistent/dir/log.jsonl"], "--request-log /nonexistent/dir/log.jsonl: the folder"),
     (["serve", "--request-log", "/"], "--request-log /: is a folder"),
     (["serve", "--step-trace", "/nonexistent/dir/t.jsonl"], "--step-trace /nonexistent/dir/t.jsonl: the folder"),
+    # root passes os.access on /proc: the folder check makes (and removes) a real folder
+    (["bench", "tokenizer", "/proc/nope/tok"], "output_dir /proc/nope/tok: /proc is not writable"),
     (["generate", "--kv-offloading-size", "0.1", "--kv-offloading-disk-path", "/etc/hostname",
       "--kv-offloading-disk-size", "0.1", "Hi"], "--kv-offloading-disk-path /etc/hostname: /etc/hostname is a file"),
     (["serve", "--drain-timeout", "nan"], "--drain-timeout must be >= 0, got nan"),

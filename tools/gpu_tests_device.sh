@@ -18,14 +18,14 @@ set -u -o pipefail
 mkdir -p "$OUT"
 limit=${LIMIT:-280}
 start=$SECONDS
-cache=()
+opts=()
 if [ -n "${PARALLEL:-}" ]; then  # the parallel run's failures are read back from pytest's own cache (--lf)
   rm -rf /tmp/gpu_tests_cache
-  cache=(-n "$PARALLEL" --dist load -o cache_dir=/tmp/gpu_tests_cache)
+  opts=(-n "$PARALLEL" --dist load -o cache_dir=/tmp/gpu_tests_cache)
 else
-  cache=(-p no:cacheprovider)
+  opts=(-p no:cacheprovider)
 fi
-timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -rfE --tb=short "${cache[@]}" "$@" > "$OUT/gpu_tests.log" 2>&1
+timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -rfE --tb=short "${opts[@]}" "$@" > "$OUT/gpu_tests.log" 2>&1
 rc=$?
 if [ -n "${PARALLEL:-}" ] && [ $rc -eq 1 ]; then
   echo "== parallel: $(tail -1 "$OUT/gpu_tests.log"); its failures rerun one by one"

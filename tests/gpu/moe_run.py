@@ -20,7 +20,8 @@ def prompts(n: int = 6) -> list[dict]:
 
 def record_route_margins(model) -> dict[tuple[int, int], float]:
     """Hooks on `model` (eager): {(position, token id): smallest top-k margin over the MoE layers, over the row's
-    logits' standard deviation} of every row it runs; the rows' positions and ids are read from the model's own forward arguments."""
+    logits' standard deviation} of every row it runs; the rows' positions and ids are read from the model's own
+    forward arguments."""
     margins: dict[tuple[int, int], float] = {}
     rows: list[tuple[int, int]] = []
 

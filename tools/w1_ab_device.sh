@@ -15,7 +15,8 @@
 # BENCH=throughput runs W2 (`bench throughput`) instead: the columns are output tok/s and W2's seconds (W2 Qwen3-0.6B
 # moved 6% between two processes of one build on 2026-12-02: REPEAT >= 2 there too).
 # BENCH_ARGS are added to every bench command, e.g. BENCH_ARGS="--repeat 3" (W2: three timed runs in each process,
-# from a cold prefix cache; the median is the w2_s column, every run in runs_s).
+# from a cold prefix cache; the median is the w2_s column, every run in runs_s). A setting that starts with "--" is
+# a bench flag of that job alone, e.g. BENCH=throughput JOBS="qwen:default qwen:--max-cudagraph-tokens=8192".
 set -u -o pipefail
 . "$(dirname "$0")/device_env.sh"
 R=/tmp/w1_ab; rm -rf $R; mkdir -p $R $OUT  # this call's runs only (a warm machine keeps /tmp)
@@ -33,15 +34,17 @@ for round in $(seq 1 ${REPEAT:-3}); do
   for job in ${JOBS:?JOBS is required}; do
     model=$(model_name ${job%%:*}); settings=${job#*:}
     if [ $((SECONDS - t_start)) -ge ${BUDGET:-420} ]; then echo "skip $job (budget)"; continue; fi
-    envs=()
+    envs=(); args=()
     if [ "$settings" != default ]; then
       IFS=+ read -ra pairs <<< "$settings"
-      for pair in "${pairs[@]}"; do envs+=("MESHSERVE_$pair"); done
+      for pair in "${pairs[@]}"; do
+        case $pair in --*) args+=("$pair") ;; *) envs+=("MESHSERVE_$pair") ;; esac
+      done
     fi
     name="${round}_${job//[:=+,]/_}"
     t0=$SECONDS
     env "${envs[@]}" timeout ${LIMIT:-120} python3 -m meshserve.cli --log-level INFO bench $bench --model $model \
-      --no-baseline ${BENCH_ARGS:-} --output-json $R/$name.json > $R/$name.log 2>&1
+      --no-baseline ${BENCH_ARGS:-} "${args[@]}" --output-json $R/$name.json > $R/$name.log 2>&1
     rc=$?
     tok=$(python3 tools/w1_ab_row.py $R/$name.json 2> /dev/null || echo "rc=$rc - - - - -")
     printf "%-8s %-44s %9s %9s %8s %8s %8s %6s %5s\n" ${job%%:*} "$settings" $tok $((SECONDS - t0))

@@ -177,7 +177,9 @@ class Proxy:
         if not task.cancelled() and isinstance(task.exception(), Aborted):
             return  # end_in_flight: its decode leg ends with the drain's 503 or error event
         result = None if task.cancelled() or task.exception() is not None else task.result()
-        if not isinstance(result, str):  # the decode leg's transfer fails in time and is retried colocated
+        # run_prefill's decode-leg params (a dict) once an instance holds the KV; None (no instance could) or an
+        # instance's refusal (a Response) leave the decode leg's transfer to time out and retry colocated
+        if not isinstance(result, dict):
             self.metrics.fallback.labels("prefill_unavailable").inc()
             logger.warning("concurrent prefill leg failed (%s)", task.exception() if not task.cancelled() and
                            task.exception() is not None else getattr(result, "status_code", "no prefill instance"))

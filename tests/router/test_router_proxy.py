@@ -346,3 +346,36 @@ def test_the_openapi_schema_has_one_operation_a_route_and_method():
     assert set(schema["paths"]["/v1/responses/{response_id}"]) == {"get", "delete"}
     ids = [op["operationId"] for item in schema["paths"].values() for op in item.values()]
     assert len(ids) == len(set(ids))
+
+
+def _fallback_count(router_srv, reason: str) -> float:
+    text = httpx.get(router_srv.base_url + "/metrics").text
+    line = f'meshserve:router_fallback_requests_total{{reason="{reason}"}} '
+    return sum(float(row[len(line):]) for row in text.splitlines() if row.startswith(line))
+
+
+def test_a_concurrent_prefill_leg_that_succeeds_is_no_fallback(fake_replicas, router, caplog):
+    """--disagg-concurrent: the prefill leg's success (run_prefill's decode-leg params) is not counted as the
+    prefill pool being unavailable, nor logged as a failed leg (both happened for every request from when the
+    leg began returning the prefill's handle, a dict, where the check still expected a string); a prefill
+    instance that answers 503 is (ejected, it leaves no instance for the leg)."""
+    prefill_script, prefill = fake_replicas("prefill")
+    decode_script, decode = fake_replicas("decode")
+    r = router(RouterConfig(backends=[decode.base_url], prefills=[prefill.base_url], disagg_concurrent=True,
+                            **QUIET))
+
+    def failed_legs() -> list[str]:
+        return [m for m in (rec.getMessage() for rec in caplog.records) if "prefill leg failed" in m]
+
+    with caplog.at_level("WARNING", logger="meshserve.router"):
+        resp = httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=10)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "from decode"
+        assert wait_until(lambda: len(prefill_script.requests) == 1, 5)
+        transfer = decode_script.requests[0]["body"]["kv_transfer_params"]["transfer_id"]
+        assert prefill_script.requests[0]["body"]["kv_transfer_params"]["transfer_id"] == transfer
+        prefill_script.mode, prefill_script.status = "status", 503
+        httpx.post(r.base_url + "/v1/completions", json={"model": "tiny", "prompt": "y"}, timeout=10)
+        # (the second leg's end is logged after the first's: once it is, both legs' callbacks have run)
+        assert wait_until(lambda: any("no prefill instance" in m for m in failed_legs()), 5)
+    assert failed_legs() == ["concurrent prefill leg failed (no prefill instance)"]  # (ejected at its 503)
+    assert _fallback_count(r, "prefill_unavailable") == 1

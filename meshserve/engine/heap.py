@@ -10,10 +10,12 @@ does; later collections walk only what requests allocate.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -48,3 +50,40 @@ def set_young_collection_threshold(threshold: int) -> None:
     """Young collections every threshold net allocations; the older generations' ratios stay Python's."""
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(threshold, gen1, gen2)
+
+
+# LLM(...)'s generate() runs the engine core in the caller's process (entrypoints/llm.py), so a full collection
+# there walks every object the process holds (~190k with a tiny model on the CPU, more with a GPU's kernels and
+# graphs: 58-63 ms every ~300 decode steps of batch 256 on the 2-core CPU) while the GPU runs out of launched
+# work. For the run's length, what exists at its start is frozen and young collections are made rarer, as in the
+# core process, then the collector is given back as it was: nothing stays frozen between runs, so an engine
+# dropped without shutdown() still has its cycles collected. auto (the default): on a GPU, where the pauses
+# idle the device (on the CPU the model's own time hides them); 1 everywhere; 0 never. A run finds objects
+# already frozen (the caller's own gc.freeze(), a serving process) and leaves the collector alone.
+OFFLINE_FREEZE_ENV = "MESHSERVE_OFFLINE_GC_FREEZE"
+
+
+def offline_freeze_applies(device: str) -> bool:
+    """Whether an in-process run on `device` freezes the heap (MESHSERVE_OFFLINE_GC_FREEZE: auto, 1 or 0)."""
+    value = os.environ.get(OFFLINE_FREEZE_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "1", "0"):
+        raise ValueError(f"{OFFLINE_FREEZE_ENV}={value!r}: expected auto, 1 or 0")
+    return value == "1" or (value == "auto" and device.startswith("cuda"))
+
+
+@contextlib.contextmanager
+def heap_frozen_while_running(device: str) -> Iterator[bool]:
+    """For the body: the objects alive at its start frozen (gc.freeze: O(1), no collection) and young
+    collections every young_collection_threshold() allocations; afterwards both as before. Yields whether it
+    froze."""
+    if not offline_freeze_applies(device) or gc.get_freeze_count():
+        yield False
+        return
+    before = gc.get_threshold()
+    gc.freeze()
+    set_young_collection_threshold(young_collection_threshold())
+    try:
+        yield True
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

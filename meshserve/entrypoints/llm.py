@@ -12,6 +12,7 @@ from meshserve.config import EngineArgs
 from meshserve.engine import startup_timeline
 from meshserve.engine.args_check import check_engine_args
 from meshserve.engine.chat_template import render_chat, render_chat_text, text_content
+from meshserve.engine.heap import heap_frozen_while_running, offline_freeze_applies
 from meshserve.engine.input_processor import PromptType
 from meshserve.engine.llm_engine import LLMEngine
 from meshserve.errors import EngineDeadError, InvalidArgumentError, PromptTooLongError
@@ -97,6 +98,7 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **kwargs)
         # the CLI's checks, before anything loads: a missing tokenizer folder or --step-trace folder is named
         # at once, not a FileNotFoundError after the model has loaded
+        offline_freeze_applies("cpu")  # (a bad MESHSERVE_OFFLINE_GC_FREEZE is refused before the model loads)
         check_engine_args(self.engine_args)
         startup_timeline.begin("LLM")
         startup_timeline.mark("before LLM()")
@@ -230,12 +232,16 @@ class LLM:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
             bar = make_bar(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         try:
-            while len(results) < len(ids):
-                for out in engine.step(finished_only=True):
-                    if out.finished:
-                        results[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
+            # the core runs in this process: what exists when the run starts (the model, its graphs, the
+            # caller's own objects) is out of the collector's reach while it runs, as the serving core's start-up
+            # heap is (engine/heap.py)
+            with heap_frozen_while_running(engine.config.device):
+                while len(results) < len(ids):
+                    for out in engine.step(finished_only=True):
+                        if out.finished:
+                            results[out.request_id] = out
+                            if bar is not None:
+                                bar.update(1)
         except BaseException:
             for rid in ids:
                 engine.abort_request(rid)

@@ -54,12 +54,12 @@ def set_young_collection_threshold(threshold: int) -> None:
 
 # LLM(...)'s generate() runs the engine core in the caller's process (entrypoints/llm.py), so a full collection
 # there walks every object the process holds (~190k with a tiny model on the CPU, more with a GPU's kernels and
-# graphs: 58-63 ms every ~300 decode steps of batch 256 on the 2-core CPU) while the GPU runs out of launched
+# graphs: 50-63 ms every ~300 decode steps of batch 256 on the 2-core CPU) while the GPU runs out of launched
 # work. For the run's length, what exists at its start is frozen and young collections are made rarer, as in the
 # core process, then the collector is given back as it was: nothing stays frozen between runs, so an engine
 # dropped without shutdown() still has its cycles collected. auto (the default): on a GPU, where the pauses
-# idle the device (on the CPU the model's own time hides them); 1 everywhere; 0 never. A run finds objects
-# already frozen (the caller's own gc.freeze(), a serving process) and leaves the collector alone.
+# idle the device (on the CPU the model's own time hides them); 1 everywhere; 0 never. A run that finds objects
+# already frozen (the caller's own gc.freeze(), a serving process) leaves the collector alone.
 OFFLINE_FREEZE_ENV = "MESHSERVE_OFFLINE_GC_FREEZE"
 
 

@@ -96,9 +96,9 @@ class LLM:
         if unknown:
             raise _unknown_arguments_error(unknown)
         self.engine_args = EngineArgs(model=model, **kwargs)
+        offline_freeze_applies("cpu")  # (a bad MESHSERVE_OFFLINE_GC_FREEZE is refused before the model loads)
         # the CLI's checks, before anything loads: a missing tokenizer folder or --step-trace folder is named
         # at once, not a FileNotFoundError after the model has loaded
-        offline_freeze_applies("cpu")  # (a bad MESHSERVE_OFFLINE_GC_FREEZE is refused before the model loads)
         check_engine_args(self.engine_args)
         startup_timeline.begin("LLM")
         startup_timeline.mark("before LLM()")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from meshserve.kernels.quant_ref import FP8_DTYPE, fp8_linear_ref, quantize_fp8_per_token, to_fp8
+from meshserve.kernels.quant_ref import FP8_DTYPE, fp8_linear_ref, quantize_activation
 
 E4M3_MAX = 448.0
 BLOCK = 128  # the block-fp8 format's weight block and activation group
@@ -52,11 +52,7 @@ def assert_fp8_linear_close(out: torch.Tensor, x: torch.Tensor, wq: torch.Tensor
     """out (an fp8 GEMM of x and the per-channel fp8 weight wq, ws) against fp8_linear_ref: within
     FP8_GEMM_SPREAD of the root sum of squares of each output's scaled products."""
     ref = fp8_linear_ref(x, wq, ws, input_scale).float()
-    x2 = x.reshape(-1, x.shape[-1])
-    if input_scale is None:
-        xq, xs = quantize_fp8_per_token(x2)
-    else:
-        xq, xs = to_fp8(x2, input_scale), input_scale.float().reshape(1, 1)
+    xq, xs = quantize_activation(x.reshape(-1, x.shape[-1]), input_scale)
     spread = (xq.float().square() @ wq.float().square().t()).sqrt() * xs * ws.float()[None, :]
     bound = FP8_GEMM_SPREAD * spread
     err = (out.float().reshape(ref.shape) - ref).abs()

@@ -63,12 +63,20 @@ def set_young_collection_threshold(threshold: int) -> None:
 OFFLINE_FREEZE_ENV = "MESHSERVE_OFFLINE_GC_FREEZE"
 
 
-def offline_freeze_applies(device: str) -> bool:
-    """Whether an in-process run on `device` freezes the heap (MESHSERVE_OFFLINE_GC_FREEZE: auto, 1 or 0)."""
+def offline_freeze_mode() -> str:
+    """MESHSERVE_OFFLINE_GC_FREEZE: "auto", "1" or "0"; anything else is refused (InvalidArgumentError)."""
     value = os.environ.get(OFFLINE_FREEZE_ENV, "auto").strip().lower() or "auto"
     if value not in ("auto", "1", "0"):
-        raise ValueError(f"{OFFLINE_FREEZE_ENV}={value!r}: expected auto, 1 or 0")
-    return value == "1" or (value == "auto" and device.startswith("cuda"))
+        from meshserve.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"{OFFLINE_FREEZE_ENV}={value!r}: expected auto, 1 or 0", param=OFFLINE_FREEZE_ENV)
+    return value
+
+
+def offline_freeze_applies(device: str) -> bool:
+    """Whether an in-process run on `device` freezes the heap (offline_freeze_mode)."""
+    mode = offline_freeze_mode()
+    return mode == "1" or (mode == "auto" and device.startswith("cuda"))
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from meshserve.config import EngineArgs
 from meshserve.engine import startup_timeline
 from meshserve.engine.args_check import check_engine_args
 from meshserve.engine.chat_template import render_chat, render_chat_text, text_content
-from meshserve.engine.heap import heap_frozen_while_running, offline_freeze_applies
+from meshserve.engine.heap import heap_frozen_while_running, offline_freeze_mode
 from meshserve.engine.input_processor import PromptType
 from meshserve.engine.llm_engine import LLMEngine
 from meshserve.errors import EngineDeadError, InvalidArgumentError, PromptTooLongError
@@ -96,7 +96,7 @@ class LLM:
         if unknown:
             raise _unknown_arguments_error(unknown)
         self.engine_args = EngineArgs(model=model, **kwargs)
-        offline_freeze_applies("cpu")  # (a bad MESHSERVE_OFFLINE_GC_FREEZE is refused before the model loads)
+        offline_freeze_mode()  # a bad MESHSERVE_OFFLINE_GC_FREEZE is refused before the model loads
         # the CLI's checks, before anything loads: a missing tokenizer folder or --step-trace folder is named
         # at once, not a FileNotFoundError after the model has loaded
         check_engine_args(self.engine_args)

@@ -37,8 +37,7 @@ from meshserve.kernels.quant_ref import (
     FP8_DTYPE,
     fp8_linear_ref,
     int4_linear_ref,
-    quantize_fp8_per_token,
-    to_fp8,
+    quantize_activation,
 )
 
 # module globals, so a tool can swap one out (tools/bench_fp8_step.py turns the Triton quantization off)
@@ -99,11 +98,14 @@ def _quantize_activation(x2: torch.Tensor, input_scale: torch.Tensor | None, fas
     """(fp8 x2, fp32 rowwise scales [M, 1]) for _scaled_mm: one Triton pass when `fast` (the selection's
     switch) and Triton imports (the torch reference is ~9 kernels over fp32 copies of x2), else the reference."""
     fq = _triton_fp8_quant() if fast else None
-    if input_scale is None:
-        return fq.quantize_fp8_per_token(x2) if fq is not None else quantize_fp8_per_token(x2)
-    # a static per-tensor scale, broadcast as rowwise so one _scaled_mm config serves both
-    xq = fq.quantize_fp8_static(x2, input_scale.float()) if fq is not None else to_fp8(x2, input_scale)
-    return xq, input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
+    if fq is None:
+        xq, xs = quantize_activation(x2, input_scale)
+    elif input_scale is None:
+        return fq.quantize_fp8_per_token(x2)
+    else:
+        xq, xs = fq.quantize_fp8_static(x2, input_scale.float()), input_scale.float().reshape(1, 1)
+    # a static per-tensor scale broadcast as rowwise, so one _scaled_mm config serves both (per token: a no-op)
+    return xq, xs.expand(x2.shape[0], 1)
 
 
 def fp8_rows_fit(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -44,6 +44,15 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return to_fp8(x, scale), scale
 
 
+def quantize_activation(x2: torch.Tensor, input_scale: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (fp8 [M, K], fp32 scale): per token ([M, 1]) when input_scale is None, else the checkpoint's
+    static per-tensor scale ([1, 1])."""
+    if input_scale is None:
+        return quantize_fp8_per_token(x2)
+    return to_fp8(x2, input_scale), input_scale.float().reshape(1, 1)
+
+
 def fp8_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -54,11 +63,7 @@ def fp8_linear_ref(
     """x [..., K] (activation dtype) times an fp8 weight [N, K] with per-channel scales [N]; the activation is
     quantized per token (input_scale None) or with the checkpoint's static per-tensor scale. -> [..., N]."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if input_scale is None:
-        xq, xs = quantize_fp8_per_token(x2)
-    else:
-        xq, xs = to_fp8(x2, input_scale), input_scale.float().reshape(1, 1)
+    xq, xs = quantize_activation(x.reshape(-1, shape[-1]), input_scale)
     y = (xq.float() @ weight.float().t()) * xs * weight_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,12 @@ from meshserve.router.app import build_router_app
 from meshserve.router.config import RouterConfig
 from tests.router.loadgen import FIGURES
 from tests.waiting import wait_until  # noqa: F401 (the router tests import it from here)
+
+
+def metric_value(url: str, name: str) -> float:
+    """The sum of the Prometheus samples named exactly `name` (labels included) at url's /metrics."""
+    text = httpx.get(url + "/metrics").text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE))
 from tests.serve.conftest import serve_in_thread as run_uvicorn_in_thread
 
 

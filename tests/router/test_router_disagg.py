@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from meshserve.disagg.nixl_connector import nixl_available
 from meshserve.router.config import RouterConfig
 from tests.conftest import VOCAB
-from tests.router.conftest import free_port, replica_args, wait_until
+from tests.router.conftest import free_port, metric_value, replica_args, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -111,11 +110,6 @@ def every_replica_admitted(r) -> bool:
     return all(replica["healthy"] for replica in httpx.get(r.base_url + "/router/replicas").json()["replicas"])
 
 
-def _metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE))
-
-
 def test_disaggregated_tokens_equal_colocated_and_faults_fall_back(deployment, router):
     prefill, decode = deployment
     # colocated reference: the decode instance alone (no transfer)
@@ -138,11 +132,11 @@ def test_disaggregated_tokens_equal_colocated_and_faults_fall_back(deployment, r
         got = list(pool.map(ask, [(i, i % 2 == 1) for i in range(6)]))
     for i, _, text in got:
         assert text == want[i], i
-    assert _metric(decode.url, 'meshserve:kv_transfers_total{direction="received",outcome="ok"}') == 6
-    assert _metric(decode.url, 'meshserve:kv_transfer_bytes_total{direction="received"}') > 0
+    assert metric_value(decode.url, 'meshserve:kv_transfers_total{direction="received",outcome="ok"}') == 6
+    assert metric_value(decode.url, 'meshserve:kv_transfer_bytes_total{direction="received"}') > 0
     # both sides freed every block (the producer once acknowledged)
-    assert wait_until(lambda: _metric(prefill.url, 'meshserve:kv_transfer_blocks{state="held"}') == 0, 10)
-    assert _metric(decode.url, 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"}') == 0
+    assert wait_until(lambda: metric_value(prefill.url, 'meshserve:kv_transfer_blocks{state="held"}') == 0, 10)
+    assert metric_value(decode.url, 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"}') == 0
 
     # the prefill instance dies: requests are served colocated on the decode instance, streamed or not
     prefill.kill()

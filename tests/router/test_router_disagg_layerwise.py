@@ -12,11 +12,10 @@ import pytest
 
 from meshserve.router.config import RouterConfig
 from tests.conftest import VOCAB
-from tests.router.conftest import wait_until
+from tests.router.conftest import metric_value, wait_until
 from tests.router.test_router_disagg import (
     CONNECTORS,
     _body,
-    _metric,
     _text,
     every_replica_admitted,
     start_prefill_and_decode,
@@ -67,10 +66,10 @@ def test_concurrent_legs_stream_layers_during_the_prefill(deployment, router):
             got = list(pool.map(ask, [(i, i % 2 == 1) for i in ids]))
         for i, text in got:
             assert text == want[i], i
-        received = _metric(decode.url, 'meshserve:kv_transfers_total{direction="received",outcome="ok"}')
+        received = metric_value(decode.url, 'meshserve:kv_transfers_total{direction="received",outcome="ok"}')
         assert received == 4 * (round_ + 1)
-        if _metric(prefill.url, during) > 0:
+        if metric_value(prefill.url, during) > 0:
             break
-    assert _metric(prefill.url, during) > 0
-    assert wait_until(lambda: _metric(prefill.url, 'meshserve:kv_transfer_blocks{state="held"}') == 0, 10)
-    assert _metric(decode.url, 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"}') == 0
+    assert metric_value(prefill.url, during) > 0
+    assert wait_until(lambda: metric_value(prefill.url, 'meshserve:kv_transfer_blocks{state="held"}') == 0, 10)
+    assert metric_value(decode.url, 'vllm:kv_cache_usage_perc{engine="0",model_name="tiny"}') == 0

@@ -9,7 +9,7 @@ import time
 import httpx
 
 from meshserve.router.config import RouterConfig
-from tests.router.conftest import free_port, wait_until
+from tests.router.conftest import free_port, metric_value, wait_until
 
 QUIET = {"health_interval_s": 60.0}  # only the passive path acts, unless a test wants probes
 
@@ -348,10 +348,7 @@ def test_the_openapi_schema_has_one_operation_a_route_and_method():
     assert len(ids) == len(set(ids))
 
 
-def _fallback_count(router_srv, reason: str) -> float:
-    text = httpx.get(router_srv.base_url + "/metrics").text
-    line = f'meshserve:router_fallback_requests_total{{reason="{reason}"}} '
-    return sum(float(row[len(line):]) for row in text.splitlines() if row.startswith(line))
+PREFILL_UNAVAILABLE = 'meshserve:router_fallback_requests_total{reason="prefill_unavailable"}'
 
 
 def test_a_concurrent_prefill_leg_that_succeeds_is_no_fallback(fake_replicas, router, caplog):
@@ -378,4 +375,4 @@ def test_a_concurrent_prefill_leg_that_succeeds_is_no_fallback(fake_replicas, ro
         # (the second leg's end is logged after the first's: once it is, both legs' callbacks have run)
         assert wait_until(lambda: any("no prefill instance" in m for m in failed_legs()), 5)
     assert failed_legs() == ["concurrent prefill leg failed (no prefill instance)"]  # (ejected at its 503)
-    assert _fallback_count(r, "prefill_unavailable") == 1
+    assert metric_value(r.base_url, PREFILL_UNAVAILABLE) == 1

@@ -1,6 +1,6 @@
 """GPU kernel time of decode steps (eager, so every kernel is visible), sorted by device time.
 
-usage: python tools/profile_kernels.py MODEL BATCH [--graphs] [--prompt-len N] [--temperature T]
+usage: python tools/profile_kernels.py MODEL BATCH [--graphs] [--prompt-len N] [--temperature T] [--quantization Q]
 
 With --graphs the decode steps replay CUDA graphs (kernels still show; the step time then includes no
 launch overhead, so comparing it with the kernel sum gives the gaps between kernels).
@@ -19,7 +19,9 @@ model, batch = sys.argv[1], int(sys.argv[2])
 graphs = "--graphs" in sys.argv
 prompt_len = int(sys.argv[sys.argv.index("--prompt-len") + 1]) if "--prompt-len" in sys.argv else 128
 temperature = float(sys.argv[sys.argv.index("--temperature") + 1]) if "--temperature" in sys.argv else 0.0
-llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_model_len=4096, enforce_eager=not graphs)
+quantization = sys.argv[sys.argv.index("--quantization") + 1] if "--quantization" in sys.argv else None
+llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_model_len=4096, enforce_eager=not graphs,
+          quantization=quantization)
 random.seed(0)
 prompts = [{"prompt_token_ids": [random.randint(0, 10000) for _ in range(prompt_len)]} for _ in range(batch)]
 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)

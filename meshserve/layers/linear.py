@@ -37,7 +37,7 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def _copy_replicated(param: nn.Parameter, loaded) -> None:
-    src = full_weight(loaded)
+    src = full_weight(loaded).to(param.device)  # the checkpoint's tensor is on the CPU, a GPU model's param is not
     if getattr(param, "same_across_shards", False):  # GPTQ act-order g_idx: merged projections share inputs
         if getattr(param, "loaded_once", False) and not torch.equal(param.data, src.reshape(param.shape)):
             raise ValueError("act-order g_idx differs between the merged projections (q/k/v or gate/up)")

@@ -152,6 +152,30 @@ def test_gptq_act_order_sorted_at_load_keeps_the_greedy_tokens(tmp_path, monkeyp
     torch.testing.assert_close(unsorted_prompt, prompt, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "fmt,options",
+    [
+        ("gptq", {"desc_act": True}),  # act-order g_idx, read once per merged projection and compared
+        ("awq", {}),
+        ("compressed-tensors", {"strategy": "tensor", "input_scale": 0.05}),  # merged shards' scales: their max
+        ("fbgemm_fp8", {}),
+    ],
+)
+def test_quantized_checkpoints_load_onto_the_gpu_as_onto_the_cpu(fmt, options, tiny_model_dir, tmp_path):
+    """The loader's checks and merges compare checkpoint tensors (on the CPU) with parameters (on the model's
+    device): a GPTQ act-order checkpoint failed to load on a GPU (2026-12-05, H200, `cannot load
+    model.layers.0.mlp.up_proj.g_idx: Expected all tensors to be on the same device`) where the CPU tests passed."""
+    src = tiny_model_dir("llama")
+    group = {"group_size": GROUP} if fmt in ("awq", "gptq") else {}
+    qdir = quantize_checkpoint(src, str(tmp_path / "q"), fmt, **group, **options)
+    cpu = dict(build_model(resolve_model_source(qdir), torch.float32, torch.device("cpu"), 64).named_parameters())
+    gpu = dict(build_model(resolve_model_source(qdir), torch.float32, torch.device("cuda"), 64).named_parameters())
+    assert cpu.keys() == gpu.keys()
+    for name, param in cpu.items():
+        assert torch.equal(gpu[name].cpu(), param), name
+
+
 @pytest.mark.parametrize(
     "fmt,options",
     [

@@ -67,8 +67,9 @@ def register(subparsers) -> None:
                         "replica_model_fallback. scheduler: the engine's own Scheduler per replica (the reference)")
     g.add_argument("--calibration", default=d.calibration,
                    help="step-time weights: a section of meshserve/simulator/calibration.toml (default: the "
-                        "model's own H200 fit where there is one, h200_qwen3_0_6b for qwen3-0.6b, else h200_mixed_graphs, the 8B "
-                        "with mixed-step CUDA graphs; h200_before_mixed_graphs: the engine before them)")
+                        "GPU's own fit of the model where it has one (H100-SXM: h100_*_curve), else the model's own "
+                        "H200 fit (h200_qwen3_0_6b_balanced for qwen3-0.6b), else h200_mixed_graphs, the 8B with "
+                        "mixed-step CUDA graphs; h200_before_mixed_graphs: the engine before them)")
     g.add_argument("--step-noise", choices=("on", "off"), default="off",
                    help="on: each step's time strays from the model's as the calibration's step trace did, plus the "
                         "host gap between steps (calibration.toml's step_noise tables, drawn per replica from "

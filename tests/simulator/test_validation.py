@@ -297,36 +297,43 @@ def test_qwen_chunk_0_replays_below_chunk_1024_as_measured_with_the_eager_steps_
 
 @pytest.mark.skipif(not (RESULTS / "h200_1203_s26").is_dir(), reason="measured results not in this checkout")
 def test_one_gpu_w2_by_dtype_stays_where_planner_md_says():
-    """W2 on one H200 with bf16 and fp8 caches and fp8 weights (validation_offline.ONE_GPU_W2): the checked rows within
-    the goal's 10% (the fp8 cache's at -9.3%, optimistic; -6.4% with V transposed, the faster tile), the fitted
-    one on its measurement, and the KV pool the planner's memory model gives within 0.5% of the engine's for
-    every dtype. The thirty-ninth session's bf16 Qwen3-0.6B row (the balanced decode kernel, which no fit has
-    seen) is the one miss, +10.3%: it stays within 12% until a step trace of that build refits the model."""
+    """W2 on one H200 with bf16 and fp8 caches and fp8 weights (validation_offline.ONE_GPU_W2), Qwen3-0.6B by its
+    balanced-kernel fit ([h200_qwen3_0_6b_balanced]): every row within the goal's 10%, the fitted one on its
+    measurement, the KV pool the planner's memory model gives within 0.5% of the engine's for every dtype; except
+    the fp8-cache Qwen rows of the builds before 2026-12-05 (twenty-sixth to thirty-ninth sessions), 14-17%
+    optimistic: that workload ran 5.38-5.58 s then and 4.57-4.70 s in the fiftieth session's build, which the
+    simulation models (-0.2%)."""
     from meshserve.simulator.validation_offline import one_gpu_w2_rows
 
     rows = one_gpu_w2_rows()
-    assert len(rows) == 11 and sum(r["fitted"] for r in rows) == 1
+    assert len(rows) == 15 and sum(r["fitted"] for r in rows) == 1
+    older_fp8_kv = [r for r in rows if "qwen3-0.6b, bf16 weights, fp8 KV" in r["run"] and "fiftieth" not in r["run"]]
+    assert len(older_fp8_kv) == 3
     for r in rows:
-        known_miss = r["run"] == "W2 qwen3-0.6b, bf16 weights, bf16 KV (thirty-ninth session, balanced decode)"
-        assert r["pred"] == pytest.approx(r["meas"], rel=0.005 if r["fitted"] else 0.12 if known_miss else 0.10), \
-            r["run"]
+        if r in older_fp8_kv:
+            assert 0.82 < r["pred"] / r["meas"] < 0.90, r["run"]
+        else:
+            assert r["pred"] == pytest.approx(r["meas"], rel=0.005 if r["fitted"] else 0.10), r["run"]
         assert r["pred_blocks"] == pytest.approx(r["meas_blocks"], rel=0.005), r["run"]
-    fp8_kv = next(r for r in rows if "qwen3-0.6b, bf16 weights, fp8 KV" in r["run"])
-    assert fp8_kv["pred"] < 0.92 * fp8_kv["meas"]  # optimistic: the kernel's ratio at batch 64-256 only
+    latest = [r for r in rows if "fiftieth" in r["run"]]
+    assert len(latest) == 4 and all(abs(r["pred"] / r["meas"] - 1) < 0.08 for r in latest)
 
 
 @pytest.mark.skipif(not (RESULTS / "h100_1205_s47").is_dir(), reason="measured results not in this checkout")
 def test_w2_on_an_h100_within_the_goal_by_its_own_fits_and_not_by_the_h200s():
     """W2 on one H100 (validation_offline.ONE_H100_W2): by the H100's own fits (the same lease's decode curves and
     the decode kernel's measured KV rate; W2 out of sample) within the goal's 10% (-4.1%, -3.5%); by the model's
-    H200 fit carried by the data sheet, the +12-13% pessimistic miss PLANNER.md explains; the KV pool within 0.5%."""
+    H200 fit carried by the data sheet, the 8B's +12% pessimistic miss PLANNER.md explains, and Qwen3-0.6B's +1%
+    since its H200 fit takes the balanced decode kernel's KV factor (1.17, the H100's own 1.15: the kernel reads
+    the same share of either GPU's bandwidth); the KV pool within 0.5%."""
     from meshserve.simulator.validation_offline import one_h100_w2_rows
 
     rows = one_h100_w2_rows()
     assert len(rows) == 2
     for r in rows:
         assert r["pred"] == pytest.approx(r["meas"], rel=0.05), r["run"]
-        assert 1.10 < r["pred_h200_fit"] / r["meas"] < 1.15, r["run"]
+        low, high = (1.10, 1.15) if "llama" in r["run"] else (0.97, 1.05)
+        assert low < r["pred_h200_fit"] / r["meas"] < high, r["run"]
         assert r["h200_fit"].startswith("h200_")
         assert r["pred_blocks"] == pytest.approx(r["meas_blocks"], rel=0.005), r["run"]
 

@@ -95,8 +95,8 @@ W2_TRACE = "h200_1205_s50/w2_step_traces/w2_steps_qwen3-0.6b.jsonl.gz"
 def test_qwen_balanced_fit_is_the_w3_fit_with_the_kernels_kv_rate_and_prices_w2s_decode_steps():
     """[h200_qwen3_0_6b_balanced] (the model's default on the H200): the W3 fit with the balanced decode kernel's
     KV factor (1.17, from the kernel's measured read rate), which a free fit of the 2026-12-05 W2 step trace
-    matches within 1% (1.165); with it the trace's decode steps of 64+ sequences (W2's KV-bound bulk, 86% of its
-    time) are priced within 4% per batch bucket, where the W3 fit's 1.367 priced them 13-14% slow."""
+    matches within 1% (1.165); with it the trace's decode steps of 64+ sequences (W2's KV-bound bulk, 76% of its
+    GPU time) are priced +0.9..+2.4% by batch bucket, where the W3 fit's 1.367 priced them +13.5..+14.1%."""
     if not _exists(W2_TRACE):
         pytest.skip("step trace not in this checkout")
     model, gpu = load_model("qwen3-0.6b"), get_gpu("H200")

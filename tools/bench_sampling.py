@@ -1,11 +1,13 @@
 """The temperature-only sampler (kernels/triton_sampling.py) per batch size on the GPU: its device time per
 call (CUDA events over back-to-back calls) beside the bytes it reads at the copy bandwidth.
 
-usage: python tools/bench_sampling.py [--vocab 151936] [--rows 1,4,16,64,128,256] [--old PATH]
+usage: python tools/bench_sampling.py [--vocab 151936] [--rows 1,4,16,64,128,256] [--old PATH] [--greedy]
 
 --old PATH times a second module's sample_gumbel too (e.g. the previous kernels/triton_sampling.py copied
 aside: the A/B of a kernel change in one process) and checks that both draw from the same distribution on
 the spot: the greedy rows' ids equal, the sampled ids' median rank within their rows alike.
+--greedy times the all-greedy argmax instead: greedy_argmax (the same pass without noise) beside torch's argmax,
+each row count's ids checked equal (where greedy_argmax should stop: triton_sampling.GREEDY_MAX_ROWS).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import importlib.util
 import torch
 
 from meshserve.engine.cuda_graph import captured_us
-from meshserve.kernels.triton_sampling import sample_gumbel
+from meshserve.kernels.triton_sampling import greedy_argmax, sample_gumbel
 
 
 def _median_rank(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -31,7 +33,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--rows", default="1,4,16,64,128,256")
     ap.add_argument("--old", default=None)
+    ap.add_argument("--greedy", action="store_true")
     args = ap.parse_args()
+    if args.greedy:
+        _greedy(args.vocab, [int(r) for r in args.rows.split(",")])
+        return
     old = None
     if args.old:
         spec = importlib.util.spec_from_file_location("old_sampling", args.old)
@@ -54,6 +60,19 @@ def main() -> None:
             assert torch.equal(sample_gumbel(logits, greedy, 1), old.sample_gumbel(logits, greedy, 1))
         bytes_us = logits.numel() * logits.element_size() / copy_bw * 1e6
         print(f"{rows:>5} {new_us:>8.1f} {old_us:>8.1f} {bytes_us:>9.1f} {rank_new:>9.1f} {rank_old:>9.1f}")
+
+
+def _greedy(vocab: int, rows_list: list[int]) -> None:
+    """The all-greedy step's argmax per row count: greedy_argmax against torch's, in CUDA graphs."""
+    print(f"vocab {vocab}, bf16 logits, all greedy")
+    print(f"{'rows':>5} {'triton us':>10} {'torch us':>9}")
+    for rows in rows_list:
+        g = torch.Generator(device="cuda").manual_seed(rows)
+        logits = (2 * torch.randn(rows, vocab, generator=g, device="cuda")).bfloat16()
+        assert torch.equal(greedy_argmax(logits), logits.argmax(-1))
+        triton_us = captured_us(lambda x=logits: greedy_argmax(x))
+        torch_us = captured_us(lambda x=logits: x.argmax(-1))
+        print(f"{rows:>5} {triton_us:>10.1f} {torch_us:>9.1f}")
 
 
 def _copy_bandwidth() -> float:

@@ -122,8 +122,9 @@ class ModelRunner:
         pc = config.parallel_config
         # TP ranks other than 0 need the sampled ids on their device when steps are scheduled ahead
         share = pc.tensor_parallel_size > 1 and pc.pipeline_parallel_size == 1 and config.scheduler_config.async_scheduling
-        self.sampling = StepSampler(self.model, Sampler(fused=self.kernels.fused_sampler), self.vocab_size,
-                                    self.device, share_sampled=share, num_buffers=self.num_step_buffers)
+        self.sampling = StepSampler(self.model, Sampler(self.kernels.fused_sampler, self.kernels.greedy_argmax),
+                                    self.vocab_size, self.device, share_sampled=share,
+                                    num_buffers=self.num_step_buffers)
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
         self.profile_compile: CompilePass | None = None  # the profile step's parallel pre-compile, if it ran
@@ -334,7 +335,7 @@ class ModelRunner:
         rows (every row is a sampling row: its logits, then sample_rows' argmax)."""
         # a decode step's head: PDL as the step's forward takes it (one-row steps only under steps="one")
         with pdl.step_scope(True, hidden.shape[0]) if self.kernels.sample_head_pdl else pdl.plain():
-            return self.model.compute_logits(hidden).argmax(dim=-1)
+            return self.sampling.sampler.argmax(self.model.compute_logits(hidden))
 
     def _stage_input(self) -> tuple[int, torch.dtype] | None:
         """(hidden size, dtype) of the activations this rank receives from the previous stage, or None."""

@@ -28,7 +28,7 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: list[ScheduledSequ
     if grammar_bitmask is not None:  # structured outputs: only the tokens each grammar allows next
         apply_bitmask(logits, grammar_bitmask)
     if plain_greedy(rows, banned):
-        return logits.argmax(dim=-1), None  # plain greedy: no per-row settings to upload
+        return sampler.argmax(logits), None  # plain greedy: no per-row settings to upload
     meta = SamplingMetadata.build(
         [s.params for s in rows],
         [s.prompt_token_ids or [] for s in rows],

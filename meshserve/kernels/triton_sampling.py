@@ -14,6 +14,9 @@ takes lg2.approx). Now 4.2 us at 1 row, 9.6 at 16, 75 at 256 (tools/bench_sampli
 
 sample_gumbel_ref is the torch reference with the same signature: the same distribution, other noise.
 Ties (equal scores) go to the lowest token id in both.
+
+greedy_argmax(logits) is the same two launches with no noise and no temperatures (GREEDY): an all-greedy step's
+token ids (the Sampler's argmax, up to GREEDY_MAX_ROWS rows), equal to torch's argmax.
 """
 
 from __future__ import annotations
@@ -42,37 +45,47 @@ def sample_gumbel_ref(logits: torch.Tensor, temperature: torch.Tensor, seed: int
 # multiple of 16 compiles its own copy (a cold Triton cache then pays ~0.5 s inside serving)
 @triton.jit(do_not_specialize=["seed", "chunk_cols", "num_chunks"])
 def _sample_gumbel_kernel(logits_ptr, temp_ptr, best_ptr, idx_ptr, seed, vocab, stride_row, chunk_cols, num_chunks,
-                          GREEDY_EPS_C: tl.constexpr, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
+                          GREEDY_EPS_C: tl.constexpr, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr,
+                          GREEDY: tl.constexpr = False):
     """One (row, chunk of chunk_cols ids) per program: the chunk's best score and its id into best / idx
-    [rows, num_chunks]."""
+    [rows, num_chunks]. GREEDY: every row greedy (greedy_argmax): no temperatures read, no noise drawn."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    t = tl.load(temp_ptr + row)
-    greedy = t < GREEDY_EPS_C
-    # log2(e) / T: sampled scores in base 2 (_fold_quarter); greedy rows compare the logits themselves
-    inv_t = tl.where(greedy, 1.0, 1.4426950408889634 / tl.where(greedy, 1.0, t))
-    noise_scale = tl.where(greedy, 0.0, 1.0)
     QUARTER: tl.constexpr = BLOCK // 4
     best = tl.full([QUARTER], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([QUARTER], dtype=tl.int32)
     base = logits_ptr + row.to(tl.int64) * stride_row
     lanes = tl.arange(0, QUARTER)
-    # Philox makes four numbers per offset (tl.rand keeps one of them, and Philox was most of this kernel's
-    # time): a block's four quarters share its offsets, and a row's offsets are spaced by its padded width, so
-    # every (row, id) has its own (offset, quarter)
-    row_offset = row * (tl.cdiv(vocab, BLOCK) * QUARTER)
     lo = chunk * chunk_cols
     hi = tl.minimum(lo + chunk_cols, vocab)
-    for start in range(lo, hi, BLOCK):
-        u0, u1, u2, u3 = tl.rand4x(seed, row_offset + start // 4 + lanes)
-        # quarters in id order, compared strictly: of equal scores in a lane the lowest id stays
-        cols = start + lanes
-        best, best_idx = _fold_quarter(base, cols, hi, u0, inv_t, noise_scale, best, best_idx, FAST_LOG)
-        best, best_idx = _fold_quarter(base, cols + QUARTER, hi, u1, inv_t, noise_scale, best, best_idx, FAST_LOG)
-        best, best_idx = _fold_quarter(base, cols + 2 * QUARTER, hi, u2, inv_t, noise_scale, best, best_idx,
-                                       FAST_LOG)
-        best, best_idx = _fold_quarter(base, cols + 3 * QUARTER, hi, u3, inv_t, noise_scale, best, best_idx,
-                                       FAST_LOG)
+    if GREEDY:
+        for start in range(lo, hi, BLOCK):
+            cols = start + lanes  # quarters in id order, compared strictly: of equal logits the lowest id stays
+            best, best_idx = _fold_max(base, cols, hi, best, best_idx)
+            best, best_idx = _fold_max(base, cols + QUARTER, hi, best, best_idx)
+            best, best_idx = _fold_max(base, cols + 2 * QUARTER, hi, best, best_idx)
+            best, best_idx = _fold_max(base, cols + 3 * QUARTER, hi, best, best_idx)
+    else:
+        t = tl.load(temp_ptr + row)
+        greedy = t < GREEDY_EPS_C
+        # log2(e) / T: sampled scores in base 2 (_fold_quarter); greedy rows compare the logits themselves
+        inv_t = tl.where(greedy, 1.0, 1.4426950408889634 / tl.where(greedy, 1.0, t))
+        noise_scale = tl.where(greedy, 0.0, 1.0)
+        # Philox makes four numbers per offset (tl.rand keeps one of them, and Philox was most of this kernel's
+        # time): a block's four quarters share its offsets, and a row's offsets are spaced by its padded width,
+        # so every (row, id) has its own (offset, quarter)
+        row_offset = row * (tl.cdiv(vocab, BLOCK) * QUARTER)
+        for start in range(lo, hi, BLOCK):
+            u0, u1, u2, u3 = tl.rand4x(seed, row_offset + start // 4 + lanes)
+            # quarters in id order, compared strictly: of equal scores in a lane the lowest id stays
+            cols = start + lanes
+            best, best_idx = _fold_quarter(base, cols, hi, u0, inv_t, noise_scale, best, best_idx, FAST_LOG)
+            best, best_idx = _fold_quarter(base, cols + QUARTER, hi, u1, inv_t, noise_scale, best, best_idx,
+                                           FAST_LOG)
+            best, best_idx = _fold_quarter(base, cols + 2 * QUARTER, hi, u2, inv_t, noise_scale, best, best_idx,
+                                           FAST_LOG)
+            best, best_idx = _fold_quarter(base, cols + 3 * QUARTER, hi, u3, inv_t, noise_scale, best, best_idx,
+                                           FAST_LOG)
     top = tl.max(best, 0)
     # lowest id among the lanes holding the maximum (a chunk of -inf scores gives id 0: see the reduce)
     tl.store(best_ptr + row * num_chunks + chunk, top)
@@ -94,6 +107,16 @@ def _fold_quarter(base, cols, hi, u, inv_t, noise_scale, best, best_idx, FAST_LO
     return tl.where(better, score, best), tl.where(better, cols, best_idx)
 
 
+@triton.jit
+def _fold_max(base, cols, hi, best, best_idx):
+    """Logits of ids cols (below hi) folded into the lanes' running best; NaN counts as the largest, as in
+    torch's argmax."""
+    x = tl.load(base + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)
+    better = x > best
+    return tl.where(better, x, best), tl.where(better, cols, best_idx)
+
+
 @triton.jit(do_not_specialize=["num_chunks"])
 def _gumbel_reduce_kernel(best_ptr, idx_ptr, out_ptr, vocab, num_chunks, MAX_CHUNKS: tl.constexpr):
     """Per row: the id of its best chunk. Chunks hold ascending ids, so the lowest id among equal best scores
@@ -110,6 +133,9 @@ def _gumbel_reduce_kernel(best_ptr, idx_ptr, out_ptr, vocab, num_chunks, MAX_CHU
 
 BLOCK = 2048
 MAX_CHUNKS = 128  # the reduce's width: one compile for every chunk count
+# greedy_argmax's rows at most: where torch's argmax, a block a row, leaves most SMs idle (one row: 29-37 us on an
+# H200); from ~132 rows it fills the GPU as well (the crossover is not measured: tools/bench_sampling.py --greedy)
+GREEDY_MAX_ROWS = 64
 _PROGRAMS_PER_SM = 4
 
 
@@ -143,5 +169,30 @@ def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seed: int) ->
                                                       logits.stride(0), chunk_cols, num_chunks,
                                                       GREEDY_EPS_C=GREEDY_EPS, BLOCK=BLOCK,
                                                       FAST_LOG=logits.device.type == "cuda", num_warps=8)
+        _gumbel_reduce_kernel[(num_rows,)](best, idx, out, vocab, num_chunks, MAX_CHUNKS=MAX_CHUNKS, num_warps=1)
+    return out
+
+
+def greedy_argmax_fits(logits: torch.Tensor) -> bool:
+    """Whether greedy_argmax serves these logits: [rows, V] with rows <= GREEDY_MAX_ROWS."""
+    return logits.dim() == 2 and logits.shape[0] <= GREEDY_MAX_ROWS
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) of [rows, V] logits (int64 [rows]; ties to the lowest id, NaN the largest): the
+    sampler's chunked pass without noise, so a few rows still spread over the GPU where torch's argmax reduces
+    a row in one block (one 128k-id row: 29-37 us on an H200 inside the decode step, BENCHMARKS.md)."""
+    num_rows, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows:
+        chunk_cols, num_chunks = chunk_plan(num_rows, vocab, _num_sms(logits.device))
+        best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
+        idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+        # (temp_ptr: any pointer, GREEDY reads no temperature)
+        _sample_gumbel_kernel[(num_rows, num_chunks)](logits, logits, best, idx, 0, vocab, logits.stride(0),
+                                                      chunk_cols, num_chunks, GREEDY_EPS_C=GREEDY_EPS, BLOCK=BLOCK,
+                                                      FAST_LOG=False, GREEDY=True, num_warps=8)
         _gumbel_reduce_kernel[(num_rows,)](best, idx, out, vocab, num_chunks, MAX_CHUNKS=MAX_CHUNKS, num_warps=1)
     return out

@@ -297,12 +297,25 @@ class Sampler(torch.nn.Module):
     Holds no state between calls: per-row settings and generators come in the SamplingMetadata. Promises
     one token id per row, and logprobs of the raw logits when any row asked. With `fused` (the backend
     selection's fused_sampler) a batch on a GPU that only asks for temperatures takes one Triton pass
-    (Gumbel-max over the raw logits); everything else takes the torch path below.
+    (Gumbel-max over the raw logits); everything else takes the torch path below. With `greedy_argmax` (the
+    selection's switch) argmax(), the plain greedy rows' ids, takes the same pass without noise on a GPU.
     """
 
-    def __init__(self, fused: bool = False):
+    def __init__(self, fused: bool = False, greedy_argmax: bool = False):
         super().__init__()
         self.fused = fused
+        self.greedy_argmax = greedy_argmax
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax, int64 [B] (plain greedy rows: StepSampler's, the decode graphs' greedy head):
+        kernels/triton_sampling.greedy_argmax on a GPU for up to its GREEDY_MAX_ROWS rows when switched on (the
+        same ids: ties to the lowest id), else torch's."""
+        if fused_ops_for(logits, self.greedy_argmax) is not None:
+            from meshserve.kernels import triton_sampling
+
+            if triton_sampling.greedy_argmax_fits(logits):
+                return triton_sampling.greedy_argmax(logits)
+        return logits.argmax(dim=-1)
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         if (not metadata.all_greedy and _temperature_only(metadata)

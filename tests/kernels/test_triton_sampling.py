@@ -18,7 +18,7 @@ _HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 if importlib.util.find_spec("triton") is not None:
-    from meshserve.kernels.triton_sampling import sample_gumbel, sample_gumbel_ref
+    from meshserve.kernels.triton_sampling import greedy_argmax, sample_gumbel, sample_gumbel_ref
 
 DEVICE = "cuda" if _HAS_CUDA else "cpu"
 
@@ -102,3 +102,67 @@ def test_ties_across_chunks_go_to_the_lowest_id():
     logits[3, [2048, 4095]] = 2.0  # both in chunk 1
     ids = sample_gumbel(logits, torch.zeros(4, device=DEVICE), seed=2).tolist()
     assert ids == [100, 4999, 0, 2048]
+
+
+@pytest.mark.parametrize("rows,vocab,dtype", [(1, 5000, torch.float32), (3, 4097, torch.float16), (64, 700, torch.float32),
+                                              (1, 8, torch.float32)])
+def test_greedy_argmax_is_torchs_argmax(rows, vocab, dtype):
+    # chunk_plan splits a few rows into chunks of whole BLOCKs: 5,000 ids at one row are three chunks
+    logits = _logits(rows, vocab, dtype, seed=rows)
+    assert greedy_argmax(logits).tolist() == logits.argmax(-1).tolist()
+
+
+def test_greedy_argmax_ties_masks_and_nan():
+    logits = torch.zeros(5, 5000, device=DEVICE)
+    logits[0, [100, 4100]] = 1.0  # equal maxima in chunks 0 and 2: the lowest id
+    logits[1, [2049, 2050]] = 3.0  # equal maxima side by side in one chunk (one lane each)
+    logits[2, :] = float("-inf")  # nothing allowed: id 0, as torch's argmax
+    logits[3, :] = float("-inf")
+    logits[3, 4999] = -3.0  # the only allowed id, the row's last
+    logits[4, 3000] = float("nan")  # NaN is the largest, as in torch's argmax
+    logits[4, 10] = 5.0
+    assert greedy_argmax(logits).tolist() == logits.argmax(-1).tolist() == [100, 2049, 0, 4999, 3000]
+    assert greedy_argmax(logits[:0]).shape == (0,)
+
+
+def test_greedy_argmax_takes_up_to_64_rows():
+    from meshserve.kernels.triton_sampling import GREEDY_MAX_ROWS, greedy_argmax_fits
+
+    assert GREEDY_MAX_ROWS == 64
+    assert greedy_argmax_fits(torch.zeros(64, 10)) and not greedy_argmax_fits(torch.zeros(65, 10))
+    assert not greedy_argmax_fits(torch.zeros(10))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("vocab", [128256, 151936])
+def test_greedy_argmax_bf16_on_gpu(vocab):
+    # bf16 logits of N(0, 4): equal maxima within a row are common at 8 bits of mantissa (the lowest id wins)
+    for rows in (1, 4, 64):
+        logits = _logits(rows, vocab, torch.bfloat16, seed=rows)
+        assert torch.equal(greedy_argmax(logits), logits.argmax(-1))
+    # and inside a CUDA graph, as the decode graphs' greedy head replays it
+    logits = _logits(2, vocab, torch.bfloat16, seed=7)
+    greedy_argmax(logits)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids = greedy_argmax(logits)
+    logits.copy_(_logits(2, vocab, torch.bfloat16, seed=8))
+    graph.replay()
+    assert torch.equal(ids, logits.argmax(-1))
+
+
+def test_the_kernels_compile_for_sm90():
+    from tests.kernels.sm90 import COMPILE_SM90_PRELUDE, assert_compiles_for_sm90
+
+    assert_compiles_for_sm90(COMPILE_SM90_PRELUDE + """
+from meshserve.kernels.triton_sampling import _sample_gumbel_kernel, _gumbel_reduce_kernel
+for dtype in ("*bf16", "*fp16"):
+    sig = {"logits_ptr": dtype, "temp_ptr": "*fp32", "best_ptr": "*fp32", "idx_ptr": "*i32"}
+    for greedy in (True, False):
+        compile_sm90(_sample_gumbel_kernel, sig, {"GREEDY_EPS_C": 1e-5, "BLOCK": 2048, "FAST_LOG": not greedy,
+                                                  "GREEDY": greedy}, 8, 3)
+compile_sm90(_gumbel_reduce_kernel, {"best_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64"},
+             {"MAX_CHUNKS": 128}, 1, 3)
+print("compiled")
+""")

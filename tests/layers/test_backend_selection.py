@@ -25,6 +25,7 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DECODE_CONTEXT_BOUNDS", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_SAMPLE_GRAPHS", raising=False)
     monkeypatch.delenv("MESHSERVE_PDL_HEAD", raising=False)
+    monkeypatch.delenv("MESHSERVE_GREEDY_ARGMAX", raising=False)
     monkeypatch.delenv("MESHSERVE_MLA_PREFILL_REF", raising=False)
     for name in ("MESHSERVE_PDL", "MESHSERVE_PDL_TRIGGER", "MESHSERVE_PDL_ONE_WAVE", "MESHSERVE_PDL_PRELOAD",
                  "MESHSERVE_PDL_MOE", "MESHSERVE_MOE_LEGACY"):
@@ -335,6 +336,19 @@ def test_fp8_gemm_switch(monkeypatch):
     monkeypatch.setenv("MESHSERVE_FP8_GEMM", "cutlass")
     with pytest.raises(InvalidArgumentError, match="MESHSERVE_FP8_GEMM takes one of scaled_mm, triton, auto"):
         select_kernels(gpu)
+
+
+def test_greedy_argmax_switch(monkeypatch):
+    # on with the fused ops (the sampler's Triton pass without noise), off with MESHSERVE_GREEDY_ARGMAX=0 or
+    # without the fused ops; the runner hands it to its Sampler
+    gpu, cpu = _config(device="cuda", dtype="bfloat16"), _config(device="cpu", dtype="bfloat16")
+    monkeypatch.setattr(backend_selection, "fused_ops_importable", lambda: True)
+    assert select_kernels(gpu).greedy_argmax and not select_kernels(cpu).greedy_argmax
+    monkeypatch.setenv("MESHSERVE_GREEDY_ARGMAX", "0")
+    assert not select_kernels(gpu).greedy_argmax
+    monkeypatch.setenv("MESHSERVE_GREEDY_ARGMAX", "1")
+    monkeypatch.setenv("MESHSERVE_DISABLE_FUSED_OPS", "1")
+    assert not select_kernels(gpu).greedy_argmax
 
 
 def test_decode_gemm_switch(monkeypatch):

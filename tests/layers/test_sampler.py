@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -302,3 +303,35 @@ def test_fast_path_flags() -> None:
     meta = build([SamplingParams(top_p=0.5), SamplingParams(min_p=0.1)])
     assert meta.all_random and not meta.all_greedy
     assert not meta.no_top_p and meta.no_top_k and not meta.no_min_p
+
+
+def test_argmax_takes_the_triton_pass_when_switched_on_and_fitting(monkeypatch) -> None:
+    """Sampler.argmax (plain greedy rows: StepSampler's, the decode graphs' greedy head): the sampler's Triton
+    pass without noise when the switch is on, the logits are on a GPU (here faked: the kernel runs in the CPU
+    interpreter) and fit (<= 64 rows), torch's argmax otherwise; the same ids either way."""
+    pytest.importorskip("triton")
+    from meshserve.kernels import triton_sampling
+    from meshserve.layers import sampler as sampler_module
+
+    calls = []
+    kernel = triton_sampling.greedy_argmax
+    monkeypatch.setattr(triton_sampling, "greedy_argmax", lambda x: calls.append(x.shape[0]) or kernel(x))
+    monkeypatch.setattr(sampler_module, "fused_ops_for", lambda x, enabled: object() if enabled else None)
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 64, 65):
+        logits = torch.randn(rows, 3000, generator=g)
+        assert torch.equal(Sampler(greedy_argmax=True).argmax(logits), logits.argmax(-1))
+        assert torch.equal(Sampler(fused=True).argmax(logits), logits.argmax(-1))
+    assert calls == [1, 64]  # 65 rows: torch's; switched off: torch's
+
+
+def test_plain_greedy_rows_take_the_samplers_argmax(monkeypatch) -> None:
+    from meshserve.engine import step_sampler
+
+    seen = []
+    sampler = Sampler(greedy_argmax=True)
+    monkeypatch.setattr(sampler, "argmax", lambda x: seen.append(x.shape) or x.argmax(-1))
+    logits = torch.randn(3, V)
+    rows = [SimpleNamespace(params=SamplingParams(temperature=0)) for _ in range(3)]
+    ids, out = step_sampler.sample_rows(sampler, logits, rows, [[], [], []], lambda s: None, V, torch.device("cpu"))
+    assert out is None and ids.tolist() == logits.argmax(-1).tolist() and seen == [(3, V)]

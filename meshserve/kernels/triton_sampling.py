@@ -157,20 +157,7 @@ def _num_sms(device: torch.device) -> int:
 
 def sample_gumbel(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
     """Same as sample_gumbel_ref (the same distribution; the noise comes from Triton's Philox)."""
-    num_rows, vocab = logits.shape
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    if num_rows:
-        chunk_cols, num_chunks = chunk_plan(num_rows, vocab, _num_sms(logits.device))
-        best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
-        idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
-        _sample_gumbel_kernel[(num_rows, num_chunks)](logits, temperature, best, idx, int(seed), vocab,
-                                                      logits.stride(0), chunk_cols, num_chunks,
-                                                      GREEDY_EPS_C=GREEDY_EPS, BLOCK=BLOCK,
-                                                      FAST_LOG=logits.device.type == "cuda", num_warps=8)
-        _gumbel_reduce_kernel[(num_rows,)](best, idx, out, vocab, num_chunks, MAX_CHUNKS=MAX_CHUNKS, num_warps=1)
-    return out
+    return _chunked_argmax(logits, temperature, int(seed))
 
 
 def greedy_argmax_fits(logits: torch.Tensor) -> bool:
@@ -182,6 +169,12 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) of [rows, V] logits (int64 [rows]; ties to the lowest id, NaN the largest): the
     sampler's chunked pass without noise, so a few rows still spread over the GPU where torch's argmax reduces
     a row in one block (one 128k-id row: 29-37 us on an H200 inside the decode step, BENCHMARKS.md)."""
+    return _chunked_argmax(logits, None, 0)
+
+
+def _chunked_argmax(logits: torch.Tensor, temperature: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """Each row's best id over its chunks (chunk_plan), then the best chunk's: scores with noise by temperature,
+    or (temperature None: GREEDY) the logits themselves."""
     num_rows, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -190,9 +183,11 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
         chunk_cols, num_chunks = chunk_plan(num_rows, vocab, _num_sms(logits.device))
         best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
         idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
-        # (temp_ptr: any pointer, GREEDY reads no temperature)
-        _sample_gumbel_kernel[(num_rows, num_chunks)](logits, logits, best, idx, 0, vocab, logits.stride(0),
-                                                      chunk_cols, num_chunks, GREEDY_EPS_C=GREEDY_EPS, BLOCK=BLOCK,
-                                                      FAST_LOG=False, GREEDY=True, num_warps=8)
+        greedy = temperature is None
+        _sample_gumbel_kernel[(num_rows, num_chunks)](logits, best if greedy else temperature, best, idx, seed,
+                                                      vocab, logits.stride(0), chunk_cols, num_chunks,
+                                                      GREEDY_EPS_C=GREEDY_EPS, BLOCK=BLOCK,
+                                                      FAST_LOG=logits.device.type == "cuda" and not greedy,
+                                                      GREEDY=greedy, num_warps=8)
         _gumbel_reduce_kernel[(num_rows,)](best, idx, out, vocab, num_chunks, MAX_CHUNKS=MAX_CHUNKS, num_warps=1)
     return out

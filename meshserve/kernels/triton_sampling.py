@@ -59,33 +59,32 @@ def _sample_gumbel_kernel(logits_ptr, temp_ptr, best_ptr, idx_ptr, seed, vocab, 
     lo = chunk * chunk_cols
     hi = tl.minimum(lo + chunk_cols, vocab)
     if GREEDY:
-        for start in range(lo, hi, BLOCK):
-            cols = start + lanes  # quarters in id order, compared strictly: of equal logits the lowest id stays
-            best, best_idx = _fold_max(base, cols, hi, best, best_idx)
-            best, best_idx = _fold_max(base, cols + QUARTER, hi, best, best_idx)
-            best, best_idx = _fold_max(base, cols + 2 * QUARTER, hi, best, best_idx)
-            best, best_idx = _fold_max(base, cols + 3 * QUARTER, hi, best, best_idx)
+        inv_t = 1.0
+        noise_scale = 0.0
     else:
         t = tl.load(temp_ptr + row)
         greedy = t < GREEDY_EPS_C
         # log2(e) / T: sampled scores in base 2 (_fold_quarter); greedy rows compare the logits themselves
         inv_t = tl.where(greedy, 1.0, 1.4426950408889634 / tl.where(greedy, 1.0, t))
         noise_scale = tl.where(greedy, 0.0, 1.0)
-        # Philox makes four numbers per offset (tl.rand keeps one of them, and Philox was most of this kernel's
-        # time): a block's four quarters share its offsets, and a row's offsets are spaced by its padded width,
-        # so every (row, id) has its own (offset, quarter)
-        row_offset = row * (tl.cdiv(vocab, BLOCK) * QUARTER)
-        for start in range(lo, hi, BLOCK):
+    # Philox makes four numbers per offset (tl.rand keeps one of them, and Philox was most of this kernel's
+    # time): a block's four quarters share its offsets, and a row's offsets are spaced by its padded width, so
+    # every (row, id) has its own (offset, quarter)
+    row_offset = row * (tl.cdiv(vocab, BLOCK) * QUARTER)
+    for start in range(lo, hi, BLOCK):
+        if GREEDY:  # no noise: the quarters' u are never read
+            u0, u1, u2, u3 = lanes, lanes, lanes, lanes
+        else:
             u0, u1, u2, u3 = tl.rand4x(seed, row_offset + start // 4 + lanes)
-            # quarters in id order, compared strictly: of equal scores in a lane the lowest id stays
-            cols = start + lanes
-            best, best_idx = _fold_quarter(base, cols, hi, u0, inv_t, noise_scale, best, best_idx, FAST_LOG)
-            best, best_idx = _fold_quarter(base, cols + QUARTER, hi, u1, inv_t, noise_scale, best, best_idx,
-                                           FAST_LOG)
-            best, best_idx = _fold_quarter(base, cols + 2 * QUARTER, hi, u2, inv_t, noise_scale, best, best_idx,
-                                           FAST_LOG)
-            best, best_idx = _fold_quarter(base, cols + 3 * QUARTER, hi, u3, inv_t, noise_scale, best, best_idx,
-                                           FAST_LOG)
+        # quarters in id order, compared strictly: of equal scores in a lane the lowest id stays
+        cols = start + lanes
+        best, best_idx = _fold_quarter(base, cols, hi, u0, inv_t, noise_scale, best, best_idx, FAST_LOG, GREEDY)
+        best, best_idx = _fold_quarter(base, cols + QUARTER, hi, u1, inv_t, noise_scale, best, best_idx, FAST_LOG,
+                                       GREEDY)
+        best, best_idx = _fold_quarter(base, cols + 2 * QUARTER, hi, u2, inv_t, noise_scale, best, best_idx,
+                                       FAST_LOG, GREEDY)
+        best, best_idx = _fold_quarter(base, cols + 3 * QUARTER, hi, u3, inv_t, noise_scale, best, best_idx,
+                                       FAST_LOG, GREEDY)
     top = tl.max(best, 0)
     # lowest id among the lanes holding the maximum (a chunk of -inf scores gives id 0: see the reduce)
     tl.store(best_ptr + row * num_chunks + chunk, top)
@@ -93,28 +92,23 @@ def _sample_gumbel_kernel(logits_ptr, temp_ptr, best_ptr, idx_ptr, seed, vocab, 
 
 
 @triton.jit
-def _fold_quarter(base, cols, hi, u, inv_t, noise_scale, best, best_idx, FAST_LOG: tl.constexpr):
-    """Scores of ids cols (below hi) folded into the lanes' running best."""
+def _fold_quarter(base, cols, hi, u, inv_t, noise_scale, best, best_idx, FAST_LOG: tl.constexpr,
+                  GREEDY: tl.constexpr):
+    """Scores of ids cols (below hi) folded into the lanes' running best. GREEDY: the logits themselves, NaN
+    counted as the largest, as in torch's argmax."""
     x = tl.load(base + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
-    # base 2: log2(e) * (x / T - ln(-ln u)) less a constant, so the same argmax without the ln(2) scalings
-    u = tl.maximum(u, 1e-20)
-    if FAST_LOG:  # the GPU's lg2.approx (tl.log2 is libdevice's exact log2f, ~20 instructions, twice an id)
-        noise = libdevice.fast_log2f(-libdevice.fast_log2f(u))
-    else:  # the interpreter
-        noise = tl.log2(-tl.log2(u))
-    score = x * inv_t - noise_scale * noise
+    if GREEDY:
+        score = tl.where(x != x, float("inf"), x)
+    else:
+        # base 2: log2(e) * (x / T - ln(-ln u)) less a constant, so the same argmax without the ln(2) scalings
+        u = tl.maximum(u, 1e-20)
+        if FAST_LOG:  # the GPU's lg2.approx (tl.log2 is libdevice's exact log2f, ~20 instructions, twice an id)
+            noise = libdevice.fast_log2f(-libdevice.fast_log2f(u))
+        else:  # the interpreter
+            noise = tl.log2(-tl.log2(u))
+        score = x * inv_t - noise_scale * noise
     better = score > best
     return tl.where(better, score, best), tl.where(better, cols, best_idx)
-
-
-@triton.jit
-def _fold_max(base, cols, hi, best, best_idx):
-    """Logits of ids cols (below hi) folded into the lanes' running best; NaN counts as the largest, as in
-    torch's argmax."""
-    x = tl.load(base + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
-    x = tl.where(x != x, float("inf"), x)
-    better = x > best
-    return tl.where(better, x, best), tl.where(better, cols, best_idx)
 
 
 @triton.jit(do_not_specialize=["num_chunks"])

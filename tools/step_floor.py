@@ -1,14 +1,17 @@
 """A step trace against its floor, step by step: where an offline run's GPU time sits above the bytes and FLOPs its
 steps must move (issue 29's "where W2's time goes").
 
-usage: python tools/step_floor.py STEPS.jsonl.gz MODEL [--bandwidth-tbps 4.28] [--tflops 989]
+usage: python tools/step_floor.py STEPS.jsonl.gz MODEL [--bandwidth-tbps 4.28] [--tflops 989] [--skip N]
 
 STEPS is `meshserve bench throughput --step-trace FILE` (or `serve --step-trace`): each step's shape and its GPU
 time (CUDA events). A step's floor is the larger of its bytes (the model's weights plus its KV context, read at the
-copy bandwidth measured on the device) and its FLOPs (2 x active parameters x tokens at the dense 16-bit peak);
+copy bandwidth measured on the device) and its FLOPs at the dense 16-bit peak: 2 x the layers' active parameters x
+its tokens plus 2 x the LM head's x its sequences (the head runs on one token a sequence; the embedding is a lookup;
+attention's own FLOPs, which the trace cannot tell without each prompt's length, left out: a lower bound);
 prints a markdown table by kind (steps carrying prefill; decode steps by rows) with the GPU time, the floor, the
 KV share of it and their ratio, and the GPU's busy share of the trace's span. bf16 weights and KV (the planner's
-shard of MODEL at TP=1).
+shard of MODEL at TP=1). --skip N drops the first N steps: `bench throughput`'s trace starts with its warm-up
+(4 prompts, 8 tokens each: 8 steps), then an idle gap while the timed run is queued, both outside W2's time.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ def kind_of(row: dict) -> str:
     return KINDS[1] if n >= 256 else KINDS[2] if n >= 128 else KINDS[3] if n >= 32 else KINDS[4]
 
 
-def floor_table(rows: list[dict], weight_bytes: float, kv_bytes_per_token: float, params: float,
-                bandwidth: float, flops: float) -> tuple[dict[str, list[float]], float]:
-    """{kind: [steps, GPU s, floor s, KV s]} and the GPU's busy share of the trace's span."""
+def floor_table(rows: list[dict], weight_bytes: float, kv_bytes_per_token: float, body_params: float,
+                head_params: float, bandwidth: float, flops: float) -> tuple[dict[str, list[float]], float]:
+    """{kind: [steps, GPU s, floor s, KV s]} and the GPU's busy share of the trace's span. body_params: the layers'
+    weights every token multiplies by; head_params: the LM head's, once a sequence."""
     table = {k: [0, 0.0, 0.0, 0.0] for k in KINDS}
     for r in rows:
         kv = r["context"] * kv_bytes_per_token / bandwidth
-        floor = max(weight_bytes / bandwidth + kv, 2.0 * params * r["tokens"] / flops)
+        matmul = 2.0 * (body_params * r["tokens"] + head_params * r["seqs"])
+        floor = max(weight_bytes / bandwidth + kv, matmul / flops)
         t = table[kind_of(r)]
         t[0] += 1
         t[1] += r["actual_s"]
@@ -53,12 +58,13 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--bandwidth-tbps", type=float, default=4.28, help="copy bandwidth measured on the device")
     p.add_argument("--tflops", type=float, default=989.0, help="dense 16-bit peak (the data sheet's)")
+    p.add_argument("--skip", type=int, default=0, help="leading steps to drop (bench throughput's warm-up: 8)")
     ns = p.parse_args()
     model = load_model(ns.model)
     shard = stage_shard(model, Layout(), 0)
-    rows = read_step_trace(ns.trace)
-    table, busy = floor_table(rows, shard.weight_bytes, shard.kv_bytes_per_token, model.active_params,
-                              ns.bandwidth_tbps * 1e12, ns.tflops * 1e12)
+    rows = read_step_trace(ns.trace)[ns.skip:]
+    table, busy = floor_table(rows, shard.weight_bytes, shard.kv_bytes_per_token, model.body_matmul_params,
+                              model.head_matmul_params, ns.bandwidth_tbps * 1e12, ns.tflops * 1e12)
     print(f"| {ns.model} steps | count | GPU s | floor s | of which KV | GPU / floor |\n|---|---|---|---|---|---|")
     total = [0, 0.0, 0.0]
     for kind, (n, gpu, floor, kv) in table.items():

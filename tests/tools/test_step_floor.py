@@ -12,7 +12,7 @@ step_floor = importlib.util.module_from_spec(_spec)
 sys.modules["step_floor"] = step_floor
 _spec.loader.exec_module(step_floor)
 
-WEIGHTS, KV_PER_TOKEN, PARAMS = 1e9, 1e5, 5e8
+WEIGHTS, KV_PER_TOKEN, PARAMS, HEAD = 1e9, 1e5, 5e8, 1e8
 BANDWIDTH, FLOPS = 1e12, 1e15
 
 
@@ -22,14 +22,14 @@ def _row(t, tokens, seqs, context, actual_s):
 
 def test_each_step_is_floored_by_its_bytes_or_its_flops():
     rows = [
-        _row(0.010, 8192, 4, 8192, 0.012),  # prefill: FLOPs 2 x 5e8 x 8192 = 8.19 TFLOP -> 8.19 ms > bytes 1.82 ms
+        _row(0.010, 8192, 4, 8192, 0.012),  # prefill: 2 x (5e8 x 8192 + 1e8 x 4) FLOPs -> 8.19 ms > bytes 1.82 ms
         _row(0.012, 256, 256, 256 * 500, 0.030),  # decode: bytes 1 GB + 12.8 GB of KV -> 13.8 ms > FLOPs 0.26 ms
         _row(0.043, 40, 40, 40 * 100, 0.002),  # decode 32-127: 1.4 ms of bytes
     ]
-    table, busy = step_floor.floor_table(rows, WEIGHTS, KV_PER_TOKEN, PARAMS, BANDWIDTH, FLOPS)
+    table, busy = step_floor.floor_table(rows, WEIGHTS, KV_PER_TOKEN, PARAMS, HEAD, BANDWIDTH, FLOPS)
     assert list(table) == ["prefill (mixed)", "decode 256+", "decode 32-127"]
     n, gpu, floor, kv = table["prefill (mixed)"]
-    assert (n, gpu) == (1, 0.012) and floor == pytest.approx(2 * PARAMS * 8192 / FLOPS)
+    assert (n, gpu) == (1, 0.012) and floor == pytest.approx(2 * (PARAMS * 8192 + HEAD * 4) / FLOPS)
     n, gpu, floor, kv = table["decode 256+"]
     assert kv == pytest.approx(256 * 500 * KV_PER_TOKEN / BANDWIDTH)
     assert floor == pytest.approx(WEIGHTS / BANDWIDTH + kv)

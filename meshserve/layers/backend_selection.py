@@ -22,11 +22,11 @@ Overrides (environment, read only here, for debugging and references):
                                             the next GEMV in one launch (kernels/triton_norm_row_gemv.py), the
                                             QKV's and an MoE block's router's (models/moe.py); on by default
                                             (H200 W1 Qwen3-30B-A3B 353.5 -> 362.2 tok/s, 2026-12-04), 0 off
-  MESHSERVE_GREEDY_ARGMAX=0                 all-greedy steps of up to 64 rows: the token ids from the sampler's
+  MESHSERVE_GREEDY_ARGMAX=1                 all-greedy steps of up to 64 rows: the token ids from the sampler's
                                             chunked Triton pass without noise (kernels/triton_sampling.
                                             greedy_argmax) instead of torch's argmax, which reduces a row in one
-                                            block (one 128k-id row 29-37 us of an H200's decode step); on by
-                                            default with the fused ops (not yet timed end to end), 0 off
+                                            block (one 128k-id row 29-37 us of an H200's decode step); opt-in
+                                            until its GPU tests have run and W1 has timed it (issue 29)
   MESHSERVE_GEMV_ACT_OUT=0                  batch 1: the gate/up GEMV writes silu(gate) * up from its epilogue
                                             (kernels/triton_gemv.gemv act_out: no SiLU launch, no gate/up row
                                             in memory) wherever the separate SiLU kernel would run; on by
@@ -689,7 +689,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         norm_fold=gemv and fused_ops and _norm_fold(config),
         decode_layer=_decode_layer() if gemv and fused_ops and attention == "triton" else None,
         fused_sampler=fused_ops,
-        greedy_argmax=fused_ops and os.environ.get(GREEDY_ARGMAX_ENV, "").strip() != "0",
+        greedy_argmax=fused_ops and os.environ.get(GREEDY_ARGMAX_ENV, "").strip() == "1",
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds(config) if cuda_graphs else (),
         decode_sample_graph_max_bs=_decode_sample_graph_max_bs() if cuda_graphs else 0,

@@ -65,3 +65,27 @@ def test_w1_shape_bf16_same_tokens_and_sampler_rows_untouched(monkeypatch):
     expected, _, _ = _generate("qwen3-0.6b", "bfloat16", "0", two, mixed, monkeypatch, **kw)
     got, _, used = _generate("qwen3-0.6b", "bfloat16", "8", two, mixed, monkeypatch, **kw)
     assert got == expected and used == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_argmax_switch_same_tokens(family, tiny_model_dir, monkeypatch):
+    """MESHSERVE_GREEDY_ARGMAX=1 (the sampler's Triton pass without noise for all-greedy steps: the sampled graphs'
+    greedy head and StepSampler's plain greedy rows) gives torch's argmax's tokens: fp32 tiny models at batch 8
+    shrinking through sizes with and without a sampled graph, and Qwen3-0.6B's architecture in bf16 at batch 1."""
+    from meshserve import SamplingParams
+    from tests.conftest import VOCAB
+
+    params = [SamplingParams(temperature=0, max_tokens=12 + 3 * i, ignore_eos=True) for i in range(8)]
+    prompts = _prompts(8, VOCAB, seed=3)
+    runs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("MESHSERVE_GREEDY_ARGMAX", switch)
+        runs[switch] = _generate(tiny_model_dir(family), "float32", "8", prompts, params, monkeypatch)[0]
+    assert runs["1"] == runs["0"]
+    if family == "qwen3":
+        greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+        one = _prompts(1, 10000, seed=4)
+        for switch in ("0", "1"):
+            monkeypatch.setenv("MESHSERVE_GREEDY_ARGMAX", switch)
+            runs[switch] = _generate("qwen3-0.6b", "bfloat16", "8", one, greedy, monkeypatch, load_format="dummy")[0]
+        assert runs["1"] == runs["0"]

@@ -339,14 +339,15 @@ def test_fp8_gemm_switch(monkeypatch):
 
 
 def test_greedy_argmax_switch(monkeypatch):
-    # on with the fused ops (the sampler's Triton pass without noise), off with MESHSERVE_GREEDY_ARGMAX=0 or
-    # without the fused ops; the runner hands it to its Sampler
+    # opt-in (MESHSERVE_GREEDY_ARGMAX=1) with the fused ops (the sampler's Triton pass without noise): off by
+    # default, with 0, on the CPU and without the fused ops; the runner hands it to its Sampler
     gpu, cpu = _config(device="cuda", dtype="bfloat16"), _config(device="cpu", dtype="bfloat16")
     monkeypatch.setattr(backend_selection, "fused_ops_importable", lambda: True)
-    assert select_kernels(gpu).greedy_argmax and not select_kernels(cpu).greedy_argmax
+    assert not select_kernels(gpu).greedy_argmax
     monkeypatch.setenv("MESHSERVE_GREEDY_ARGMAX", "0")
     assert not select_kernels(gpu).greedy_argmax
     monkeypatch.setenv("MESHSERVE_GREEDY_ARGMAX", "1")
+    assert select_kernels(gpu).greedy_argmax and not select_kernels(cpu).greedy_argmax
     monkeypatch.setenv("MESHSERVE_DISABLE_FUSED_OPS", "1")
     assert not select_kernels(gpu).greedy_argmax
 

@@ -2,13 +2,14 @@
 
 usage: python tools/profile_prefill.py MODEL [--requests N] [--quantization Q] [--kv-cache-dtype D]
 
-W2's first N prompts (default all 256: ~143k tokens, the 19 prefill steps of 8,192 tokens of a W2 run), each with
-max_tokens 1 at W2's temperature, so every step is a prefill step (chunked at max_num_batched_tokens, as in W2).
+W2's first N prompts (default all 256: ~143k tokens, the 18 prefill steps of 8,192 tokens of a W2 run), each with
+max_tokens 1 at W2's temperature, so every step is a prefill step (chunked at max_num_batched_tokens, as in W2,
+whose steps also carry the decode rows of the prompts before them: up to ~3% of their tokens).
 Prints the profiler's kernel table (device time over all steps), the unprofiled wall time, the kernels' summed device
 time and the phase's FLOPs floor (tools/step_floor.py's: the layers' weights x tokens, the LM head's x prompts, at
 the dense bf16 peak; attention left out: a lower bound).
-Why: the fiftieth session's W2 step traces put the 8B's prefill steps at 1.73x that floor (3.61 s of 13.6 s: ~570
-TFLOP/s) and Qwen3-0.6B's at 3.5x (0.46 s of 5.3 s); which kernels hold the excess decides the lever.
+Why: the fiftieth session's W2 step traces put the 8B's prefill steps at 1.73x that floor (3.55 s of 13.5 s: ~600
+TFLOP/s) and Qwen3-0.6B's at 3.4x (0.44 s of 5.2 s); which kernels hold the excess decides the lever.
 """
 
 from __future__ import annotations

@@ -22,9 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from meshserve import LLM, SamplingParams
 from meshserve.bench.workloads import W2_TEMPERATURE, w2_requests
+from meshserve.engine.step_time import DeviceRates
 from meshserve.planner.model import load_model
-
-DENSE_PEAK_FLOPS = 989e12  # H100/H200 SXM bf16 dense, the data sheet's
 
 
 def main() -> None:
@@ -54,11 +53,12 @@ def main() -> None:
     device_s = sum(e.self_device_time_total for e in events) / 1e6
     tokens = sum(len(r.prompt_token_ids) for r in reqs)
     spec = load_model(ns.model)
-    floor = 2 * (spec.body_matmul_params * tokens + spec.head_matmul_params * len(reqs)) / DENSE_PEAK_FLOPS
+    peak = DeviceRates.detect("cuda", "bfloat16").flops  # the planner's catalog (989 TFLOP/s on an H100/H200)
+    floor = spec.matmul_flops(tokens, len(reqs)) / peak
     print(f"{ns.model}: {len(reqs)} prompts, {tokens:,} tokens (~{-(-tokens // 8192)} steps of 8,192); wall "
           f"{wall:.3f} s unprofiled, device {device_s:.3f} s profiled (kernels summed)")
     print(f"FLOPs floor (the layers' {spec.body_matmul_params / 1e9:.2f} B params a token, the LM head's a prompt, at "
-          f"{DENSE_PEAK_FLOPS / 1e12:.0f} TFLOP/s; attention left out): {floor:.3f} s; wall / floor {wall / floor:.2f}x")
+          f"{peak / 1e12:.0f} TFLOP/s; attention left out): {floor:.3f} s; wall / floor {wall / floor:.2f}x")
 
 
 if __name__ == "__main__":

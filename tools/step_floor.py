@@ -17,6 +17,7 @@ shard of MODEL at TP=1). --skip N drops the first N steps: `bench throughput`'s 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from meshserve.planner.memory import stage_shard
 from meshserve.planner.model import load_model
@@ -33,15 +34,15 @@ def kind_of(row: dict) -> str:
     return KINDS[1] if n >= 256 else KINDS[2] if n >= 128 else KINDS[3] if n >= 32 else KINDS[4]
 
 
-def floor_table(rows: list[dict], weight_bytes: float, kv_bytes_per_token: float, body_params: float,
-                head_params: float, bandwidth: float, flops: float) -> tuple[dict[str, list[float]], float]:
-    """{kind: [steps, GPU s, floor s, KV s]} and the GPU's busy share of the trace's span. body_params: the layers'
-    weights every token multiplies by; head_params: the LM head's, once a sequence."""
+def floor_table(rows: list[dict], weight_bytes: float, kv_bytes_per_token: float,
+                matmul_flops: Callable[[int, int], float], bandwidth: float,
+                flops: float) -> tuple[dict[str, list[float]], float]:
+    """{kind: [steps, GPU s, floor s, KV s]} and the GPU's busy share of the trace's span. matmul_flops(tokens,
+    sequences): a step's GEMM FLOPs (ModelSpec.matmul_flops: the LM head once a sequence)."""
     table = {k: [0, 0.0, 0.0, 0.0] for k in KINDS}
     for r in rows:
         kv = r["context"] * kv_bytes_per_token / bandwidth
-        matmul = 2.0 * (body_params * r["tokens"] + head_params * r["seqs"])
-        floor = max(weight_bytes / bandwidth + kv, matmul / flops)
+        floor = max(weight_bytes / bandwidth + kv, matmul_flops(r["tokens"], r["seqs"]) / flops)
         t = table[kind_of(r)]
         t[0] += 1
         t[1] += r["actual_s"]
@@ -63,8 +64,8 @@ def main() -> None:
     model = load_model(ns.model)
     shard = stage_shard(model, Layout(), 0)
     rows = read_step_trace(ns.trace)[ns.skip:]
-    table, busy = floor_table(rows, shard.weight_bytes, shard.kv_bytes_per_token, model.body_matmul_params,
-                              model.head_matmul_params, ns.bandwidth_tbps * 1e12, ns.tflops * 1e12)
+    table, busy = floor_table(rows, shard.weight_bytes, shard.kv_bytes_per_token, model.matmul_flops,
+                              ns.bandwidth_tbps * 1e12, ns.tflops * 1e12)
     print(f"| {ns.model} steps | count | GPU s | floor s | of which KV | GPU / floor |\n|---|---|---|---|---|---|")
     total = [0, 0.0, 0.0]
     for kind, (n, gpu, floor, kv) in table.items():

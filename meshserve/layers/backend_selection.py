@@ -689,7 +689,7 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         norm_fold=gemv and fused_ops and _norm_fold(config),
         decode_layer=_decode_layer() if gemv and fused_ops and attention == "triton" else None,
         fused_sampler=fused_ops,
-        greedy_argmax=fused_ops and os.environ.get(GREEDY_ARGMAX_ENV, "").strip() == "1",
+        greedy_argmax=fused_ops and os.environ.get(GREEDY_ARGMAX_ENV, "").strip() not in ("", "0"),
         cuda_graphs=cuda_graphs,
         decode_context_bounds=_decode_context_bounds(config) if cuda_graphs else (),
         decode_sample_graph_max_bs=_decode_sample_graph_max_bs() if cuda_graphs else 0,

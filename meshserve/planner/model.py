@@ -177,6 +177,11 @@ class ModelSpec:
         """Weights every token multiplies by in the layers: active parameters without embedding and head."""
         return self.active_params - self.embedding_params - self.lm_head_params
 
+    def matmul_flops(self, tokens: float, sampled: float) -> float:
+        """The GEMM FLOPs of `tokens` through the layers, `sampled` of them also through the LM head (a prompt's
+        last token, every decoded one); attention's own left out."""
+        return 2 * (self.body_matmul_params * tokens + self.head_matmul_params * sampled)
+
     @property
     def linear_params(self) -> int:
         """Parameters of the quantizable linear layers (projections and experts; not embedding/head/norms)."""

@@ -277,7 +277,7 @@ def prefill_s(model: ModelSpec, layout: Layout, gpu: GpuSpec, num_seqs: int, pro
     time and passes the stages one after another."""
     tokens = num_seqs * prompt_len
     # the head runs on each prompt's last token only (the one sampled)
-    gemm = 2 * (model.body_matmul_params * tokens + model.head_matmul_params * num_seqs)
+    gemm = model.matmul_flops(tokens, num_seqs)
     attn = num_seqs * 2 * model.num_layers * model.num_heads * model.head_dim * prompt_len ** 2  # causal
     compute = (gemm + attn) / (layout.tp * gpu.flops_per_s(weight_dtype) * efficiency)
     # each stage's GPUs stream the projections and experts they hold (EP: 1/EP of the experts, not 1/TP)
@@ -306,7 +306,7 @@ def roofline(model: ModelSpec, layout: Layout, gpu: GpuSpec, concurrency: int, *
                   for s in range(layout.pp))
     step = d * per_gpu / gpu.hbm_bytes_per_s
     bandwidth_bound = seqs / step
-    flops_per_token = 2 * (model.body_matmul_params + model.head_matmul_params)
+    flops_per_token = model.matmul_flops(1, 1)
     busy_gpus = min(layout.dp, seqs) * layout.gpus_per_replica  # an idle replica adds no FLOP/s
     compute_bound = busy_gpus * gpu.flops_per_s(weight_dtype) / flops_per_token
     return min(bandwidth_bound, compute_bound), per_gpu

@@ -26,7 +26,8 @@ def test_each_step_is_floored_by_its_bytes_or_its_flops():
         _row(0.012, 256, 256, 256 * 500, 0.030),  # decode: bytes 1 GB + 12.8 GB of KV -> 13.8 ms > FLOPs 0.26 ms
         _row(0.043, 40, 40, 40 * 100, 0.002),  # decode 32-127: 1.4 ms of bytes
     ]
-    table, busy = step_floor.floor_table(rows, WEIGHTS, KV_PER_TOKEN, PARAMS, HEAD, BANDWIDTH, FLOPS)
+    table, busy = step_floor.floor_table(rows, WEIGHTS, KV_PER_TOKEN, lambda t, s: 2 * (PARAMS * t + HEAD * s),
+                                         BANDWIDTH, FLOPS)
     assert list(table) == ["prefill (mixed)", "decode 256+", "decode 32-127"]
     n, gpu, floor, kv = table["prefill (mixed)"]
     assert (n, gpu) == (1, 0.012) and floor == pytest.approx(2 * (PARAMS * 8192 + HEAD * 4) / FLOPS)

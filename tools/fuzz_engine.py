@@ -13,7 +13,9 @@ with logprobs and penalties); this is the long run, with priorities, repeated pr
 tiers and parallel layouts. Found with it (2026-12-05, 1,126 runs): a draft model's lookahead slots missing
 from the KV fit checks (a hang) and its pool's CPU cap counted twice.
 
-usage: python tools/fuzz_engine.py --family llama|qwen3|llama_tied --seeds 0-9 --combos 3 [--hard] [--parallel]
+usage: python tools/fuzz_engine.py --family FAMILY --seeds 0-9 --combos 3 [--hard] [--parallel]
+FAMILY: llama, qwen3, llama_tied, or any other family of tests/conftest.py (mixtral, qwen3_moe: --parallel also
+draws expert parallel over the TP pair; deepseek_v2, deepseek_v3: MLA).
        [--only JSON] [--shared-disk DIR] [--workdir DIR]
 Each (seed, combo index) reproduces: the workload comes from the seed, the combination from (seed, index);
 --only JSON runs one combination of engine kwargs instead (a failure's `kw`).
@@ -36,6 +38,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 from meshserve import LLM, SamplingParams  # noqa: E402
+from tests.conftest import FAMILIES as CHECKPOINT_FAMILIES  # noqa: E402
 from tests.conftest import VOCAB, make_tiny_checkpoint  # noqa: E402
 
 WORKDIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "meshserve-fuzz")  # checkpoints, disk tiers (--workdir)
@@ -44,11 +47,14 @@ COMMON = dict(device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0
 PLAIN = dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=4096,
              async_scheduling=False, block_size=16)
 FAMILIES = {"llama": {}, "qwen3": {}, "llama_tied": {"family": "llama", "tie_word_embeddings": True}}
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # experts: --parallel draws EP=2 too
 
 
 def ckpt(name: str) -> str:
     path = os.path.join(WORKDIR, "ckpt", name)
     if not os.path.exists(os.path.join(path, "config.json")):
+        if name not in FAMILIES and name not in CHECKPOINT_FAMILIES and name != "draft":
+            sys.exit(f"unknown family {name!r}: one of {sorted(set(FAMILIES) | set(CHECKPOINT_FAMILIES))}")
         kw = dict(FAMILIES.get(name, {}))
         fam = kw.pop("family", name)
         if name == "draft":
@@ -139,6 +145,8 @@ def combo(seed: int, idx: int, family: str, parallel: bool, hard: bool = False):
     if parallel:
         if rng.random() < 0.5:
             c["tensor_parallel_size"] = 2
+            if family in MOE_FAMILIES and rng.random() < 0.5:
+                c["enable_expert_parallel"] = True
         else:
             c["pipeline_parallel_size"] = 2
             c["async_scheduling"] = True

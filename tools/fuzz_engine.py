@@ -7,7 +7,9 @@ combinations of: block sizes, pools small enough to preempt, max_num_seqs 1-4, a
 prefill, prefix caching, async scheduling, priority scheduling, n-gram or draft-model speculation, CPU / disk KV
 offload with each preemption mode, and (--parallel) TP=2 or PP=2 on gloo. Every completion's token ids, finish
 reason and stop reason must equal the plain run's (seeded sampled ones too, except under speculation, whose draws
-README.md says may differ). One JSON line a run on stdout and in --log; a run past --hang seconds dumps its stack
+README.md says may differ), unless the plain path's own logprobs of the two diverging tokens lie within 1e-4 (a
+near-tie that fp32 summation order flips: TP's all-reduce, another batch shape; logged as near_tie with the gap,
+ok). One JSON line a run on stdout and in --log; a run past --hang seconds dumps its stack
 and exits. tests/engine/test_feature_combinations.py is CI's fixed-seed slice of the same idea (its own workloads,
 with logprobs and penalties); this is the long run, with priorities, repeated prompts, draft models, disk
 tiers and parallel layouts. Found with it (2026-12-05, 1,126 runs): a draft model's lookahead slots missing
@@ -192,6 +194,32 @@ def compare(workload, plain, other, seeded_too):
     return bad
 
 
+NEAR_TIE = 1e-4  # a greedy pick this close to the runner-up is fp32 summation order, not a fault
+
+
+def tie_gap(path, prompt, p, want, got):
+    """For a greedy mismatch: how far apart the plain path's logprobs of the two diverging tokens are at the first
+    position where the completions part (None when they do not part at a token: a finish or stop reason)."""
+    if p.get("temperature", 0) > 0:
+        return None
+    for (w_ids, *_), (g_ids, *_) in zip(want, got):
+        k = next((i for i, (a, b) in enumerate(zip(w_ids, g_ids)) if a != b), None)
+        if k is not None:
+            break
+    else:
+        return None
+    llm = LLM(model=path, **{**COMMON, **PLAIN})
+    try:
+        out = llm.generate([{"prompt_token_ids": list(prompt) + list(w_ids[:k])}],
+                           SamplingParams(max_tokens=1, temperature=0.0, logprobs=20), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    lp = out[0].outputs[0].logprobs[0]
+    if w_ids[k] not in lp or g_ids[k] not in lp:
+        return None
+    return lp[w_ids[k]].logprob - lp[g_ids[k]].logprob
+
+
 def main():
     global WORKDIR
     ap = argparse.ArgumentParser()
@@ -227,9 +255,13 @@ def main():
                 other, stats, t = run(path, workload, full)
                 seeded = "speculative_config" not in kw
                 bad = compare(workload, plain, other, seeded)
-                rec.update(ok=not bad, n=len(workload), t=round(t, 1), preempt=stats.get("num_preemptions"),
-                           mism=[dict(i=b[0], plen=b[1], p=b[2], want=b[3], got=b[4]) for b in bad[:3]],
-                           nbad=len(bad))
+                gaps = [tie_gap(path, workload[b[0]][0], b[2], b[3], b[4]) for b in bad[:3]]
+                # every mismatch a near-tie of the plain path's own logits: rounding, logged apart from findings
+                ties = bool(bad) and len(bad) <= 3 and all(g is not None and abs(g) < NEAR_TIE for g in gaps)
+                rec.update(ok=not bad or ties, near_tie=ties, n=len(workload), t=round(t, 1),
+                           preempt=stats.get("num_preemptions"),
+                           mism=[dict(i=b[0], plen=b[1], p=b[2], gap=g, want=b[3], got=b[4])
+                                 for b, g in zip(bad[:3], gaps)], nbad=len(bad))
             except Exception as e:
                 rec.update(ok=False, crash=f"{type(e).__name__}: {e}", tb=traceback.format_exc()[-3000:])
             print(json.dumps({k: v for k, v in rec.items() if k not in ("tb",)})[:1500], flush=True)

@@ -16,9 +16,9 @@ tiers and parallel layouts. Found with it (2026-12-05, 1,126 runs): a draft mode
 from the KV fit checks (a hang) and its pool's CPU cap counted twice.
 
 usage: python tools/fuzz_engine.py --family FAMILY --seeds 0-9 --combos 3 [--hard] [--parallel]
-FAMILY: llama, qwen3, llama_tied, or any other family of tests/conftest.py (mixtral, qwen3_moe: --parallel also
-draws expert parallel over the TP pair; deepseek_v2, deepseek_v3: MLA).
        [--only JSON] [--shared-disk DIR] [--workdir DIR]
+FAMILY: llama, qwen3, llama_tied, or any other family of tests/conftest.py (MoE: mixtral, qwen2_moe, qwen3_moe, and
+deepseek_v2 / deepseek_v3 with MLA attention; for these --parallel also draws expert parallel over the TP pair).
 Each (seed, combo index) reproduces: the workload comes from the seed, the combination from (seed, index);
 --only JSON runs one combination of engine kwargs instead (a failure's `kw`).
 """
@@ -49,7 +49,7 @@ COMMON = dict(device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0
 PLAIN = dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=4096,
              async_scheduling=False, block_size=16)
 FAMILIES = {"llama": {}, "qwen3": {}, "llama_tied": {"family": "llama", "tie_word_embeddings": True}}
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # experts: --parallel draws EP=2 too
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # experts: --parallel draws EP=2 too
 
 
 def ckpt(name: str) -> str:

@@ -49,7 +49,8 @@ COMMON = dict(device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0
 PLAIN = dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=4096,
              async_scheduling=False, block_size=16)
 FAMILIES = {"llama": {}, "qwen3": {}, "llama_tied": {"family": "llama", "tie_word_embeddings": True}}
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")  # experts: --parallel draws EP=2 too
+# checkpoints with experts: --parallel draws expert parallel over the TP pair for them too
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
 
 def ckpt(name: str) -> str:

@@ -61,8 +61,9 @@ def _workload(llm, vocab: int) -> int:
 
 @pytest.mark.parametrize(
     "family, extra",
-    [("llama", {}), ("llama", {"kv_cache_dtype": "fp8"}), ("qwen3_moe", {}), ("deepseek_v2", {})],
-    ids=["llama", "llama-fp8kv", "qwen3_moe", "deepseek_v2"],
+    [("llama", {}), ("llama", {"kv_cache_dtype": "fp8"}), ("llama", {"quantization": "fp8"}), ("qwen3_moe", {}),
+     ("deepseek_v2", {})],
+    ids=["llama", "llama-fp8kv", "llama-fp8", "qwen3_moe", "deepseek_v2"],
 )
 def test_no_triton_compile_after_start_up(family, extra, tiny_model_dir, monkeypatch):
     from meshserve import LLM

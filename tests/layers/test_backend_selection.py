@@ -326,28 +326,29 @@ def test_decode_balanced_switch_reaches_the_attention_backend(monkeypatch):
 
 
 def test_fp8_gemm_switch(monkeypatch):
-    # torch._scaled_mm by default; the Triton rowwise GEMM on request, read by every fp8 layer from its selection
+    # auto by default (the Triton rowwise GEMM up to FP8_TRITON_MAX_ROWS rows on a GPU, torch._scaled_mm above); either
+    # one for every row count on request, read by every fp8 layer from its selection
     gpu = _config(device="cuda", dtype="bfloat16")
-    assert select_kernels(gpu).fp8_gemm == "scaled_mm"
+    assert select_kernels(gpu).fp8_gemm == "auto"
     monkeypatch.setenv("MESHSERVE_FP8_GEMM", "triton")
     assert select_kernels(gpu).fp8_gemm == "triton"
-    monkeypatch.setenv("MESHSERVE_FP8_GEMM", "auto")
-    assert select_kernels(gpu).fp8_gemm == "auto"
+    monkeypatch.setenv("MESHSERVE_FP8_GEMM", "scaled_mm")
+    assert select_kernels(gpu).fp8_gemm == "scaled_mm"
     monkeypatch.setenv("MESHSERVE_FP8_GEMM", "cutlass")
     with pytest.raises(InvalidArgumentError, match="MESHSERVE_FP8_GEMM takes one of scaled_mm, triton, auto"):
         select_kernels(gpu)
 
 
 def test_greedy_argmax_switch(monkeypatch):
-    # opt-in (MESHSERVE_GREEDY_ARGMAX=1) with the fused ops (the sampler's Triton pass without noise): off by
-    # default, with 0, on the CPU and without the fused ops; the runner hands it to its Sampler
+    # on by default with the fused ops (the sampler's Triton pass without noise); off with 0, on the CPU and without
+    # the fused ops; the runner hands it to its Sampler
     gpu, cpu = _config(device="cuda", dtype="bfloat16"), _config(device="cpu", dtype="bfloat16")
     monkeypatch.setattr(backend_selection, "fused_ops_importable", lambda: True)
-    assert not select_kernels(gpu).greedy_argmax
+    assert select_kernels(gpu).greedy_argmax and not select_kernels(cpu).greedy_argmax
     monkeypatch.setenv("MESHSERVE_GREEDY_ARGMAX", "0")
     assert not select_kernels(gpu).greedy_argmax
     monkeypatch.setenv("MESHSERVE_GREEDY_ARGMAX", "1")
-    assert select_kernels(gpu).greedy_argmax and not select_kernels(cpu).greedy_argmax
+    assert select_kernels(gpu).greedy_argmax
     monkeypatch.setenv("MESHSERVE_DISABLE_FUSED_OPS", "1")
     assert not select_kernels(gpu).greedy_argmax
 

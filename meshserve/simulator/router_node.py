@@ -64,6 +64,11 @@ def _router_section(name: str) -> tuple[str, dict]:
     return name, entry
 
 
+def router_calibration_name(name: str = "default") -> str:
+    """The section an alias such as "default" names (a section's own name for itself)."""
+    return _router_section(name)[0]
+
+
 def load_router_costs(name: str = "default") -> RouterCosts:
     """A section of router_calibration.toml (or the section an alias such as "default" names)."""
     entry = _router_section(name)[1]

@@ -24,7 +24,8 @@ too; 0 if the refusal costs less than a served request's intake). On router_cpu_
 
 The replay is validation.replay_w3_dp's (W3's exact arrivals, one API process per replica at FRONTEND_H200's costs,
 no start-up-heap stalls: the build freezes it, targets TTFT 1 s / TPOT 50 ms) with one replica, the router node
-(router_node.py) at the costs fitted here, at cpu_light's and without it, and the router's --max-outstanding
+(router_node.py) at the costs fitted here, at the default calibration's (router_calibration.toml's "default", fitted
+on an earlier run: held out), at cpu_light's and without it, and the router's --max-outstanding
 (4096). The fixed latency (network, HTTP) is fitted on the direct run's lightest point (QPS 32: measured TTFT p50
 less simulated) and used for every other row; with no direct run, the tenth session's (validation.TENTH_LATENCY_OF).
 """
@@ -42,7 +43,7 @@ from meshserve.router.config import RouterConfig
 from meshserve.simulator.config import SimConfig
 from meshserve.simulator.fleet import simulate
 from meshserve.simulator.frontend import FRONTEND_H200
-from meshserve.simulator.router_node import ROUTER_OFF, RouterCosts, load_router_costs
+from meshserve.simulator.router_node import ROUTER_OFF, RouterCosts, load_router_costs, router_calibration_name
 from meshserve.simulator.trace import w3_trace
 
 FIT_ROWS = ("c16_t128", "c16_t16", "refuse_c32")  # cpu_light's rows
@@ -259,12 +260,15 @@ def fixed_latency(results: Results) -> tuple[float, str]:
 
 
 def settings(results: Results) -> list[tuple[str, RouterCosts]]:
-    """The router costs each router-run point is replayed with: fitted here (when the rows are there), cpu_light,
-    none."""
+    """The router costs each router-run point is replayed with: fitted here (when the rows are there), the
+    simulator's default calibration (fitted on an earlier run: a held-out check of it), cpu_light, none."""
     out = []
     rows = results.rows()
     if all(n in rows for n in FIT_ROWS):
         out.append(("router node, fitted here", costs_of(fit_router_costs(rows))))
+    default = router_calibration_name()
+    if default != "cpu_light":
+        out.append((f"router node, {default} (default)", load_router_costs(default)))
     out.append(("router node, cpu_light", load_router_costs("cpu_light")))
     out.append(("no router node", ROUTER_OFF))
     return out

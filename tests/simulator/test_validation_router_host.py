@@ -150,14 +150,19 @@ def test_table_replays_every_point(results_dir: Path):
     latency, how = vrh.fixed_latency(res)
     assert how == "fitted on the direct run at QPS 4" and latency > 0
     rows = vrh.replay_rows(res)
-    # the router run's two points x (fitted here, cpu_light, none), the direct run's two points
-    assert len(rows) == 2 * 3 + 2
+    # the router run's two points x (fitted here, the default calibration held out, cpu_light, none), the direct
+    # run's two points
+    assert len(rows) == 2 * 4 + 2
+    from meshserve.simulator.router_node import router_calibration_name
+
+    default = [r for r in rows if r["setting"] == f"router node, {router_calibration_name()} (default)"]
+    assert len(default) == 2 and default[0]["pred"]["router_node"]["requests"] == 24
     fitted = [r for r in rows if r["setting"] == "router node, fitted here"]
     assert all(r["pred"]["router_node"]["requests"] == 24 for r in fitted)
     direct = next(r for r in rows if r["run"] == "direct" and r["qps"] == 4.0)
     assert direct["fitted"] and direct["pred"]["ttft_p50"] == pytest.approx(0.045, abs=1e-6)  # the latency included
     text = vrh.table(res)
-    assert text.count("\n| through the router |") == 6 and "fixed latency fitted here" in text
+    assert text.count("\n| through the router |") == 8 and "fixed latency fitted here" in text
 
 
 def test_cli(results_dir: Path, capsys):

@@ -19,11 +19,13 @@ Here:
   the row-tiles that need it run);
 * under PDL (kernels/pdl.py) a launch waits for its producer only before its first load and lets its consumer
   launch early: no gap in a chain of Triton decode kernels.
-Opt-in: MESHSERVE_FP8_GEMM=triton and MESHSERVE_DECODE_GEMM=1 (layers/backend_selection.py). Measured alone on
-an H200 (tools/bench_decode_gemm.py, BENCHMARKS.md thirty-ninth session) cuBLAS stays the default: the fp8 kernel
-beats _scaled_mm 1.4-1.9x at 16 rows at the 8B's projections, is mixed at 128 (down 1.2x faster, qkv and gate_up
-slower) and loses at 256 and 512 (W2 decodes at ~256); the 16-bit one loses to F.linear at Qwen3-0.6B's
-projections and LM head at every row count measured (16-512; ties at the 16-row down projection).
+The fp8 kernel serves fp8-weight steps of 2-16 rows by default (MESHSERVE_FP8_GEMM=auto; =triton for every row
+count), the 16-bit one is opt-in (MESHSERVE_DECODE_GEMM=1; layers/backend_selection.py). Measured alone on an H200
+(tools/bench_decode_gemm.py, BENCHMARKS.md thirty-ninth session) the fp8 kernel beats _scaled_mm 1.4-1.9x at 16
+rows at the 8B's projections, is mixed at 128 (down 1.2x faster, qkv and gate_up slower) and loses at 256 and 512
+(W2 decodes at ~256); end to end the 8B's fp8 decode at 2-16 rows ran +31-38% (H200) and +24-26% (H100) over
+_scaled_mm (fifty-third session). The 16-bit one loses to F.linear at Qwen3-0.6B's projections and LM head at
+every row count measured (16-512; ties at the 16-row down projection).
 """
 
 from __future__ import annotations

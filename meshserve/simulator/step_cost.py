@@ -55,13 +55,16 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.toml")
 class StepWeights:
     """The four weights of StepTimeModel: constant (ms), dense and KV factors, mixed-step cost (ms); and, beyond
     the engine's model, seq_us: a cost per sequence of the step (us) that a fit may have apart from its KV term
-    (fit_curve_weights; 0 for the step-trace fits, whose KV factor holds it)."""
+    (fit_curve_weights; 0 for the step-trace fits, whose KV factor holds it), and one_row_dense_factor: the dense
+    factor of a one-token step where it differs from the others' (None: the same). One row runs the engine's
+    Triton GEMVs, more rows cuBLAS GEMMs, which read the weights at another rate (fit_one_row)."""
 
     constant_ms: float
     dense_factor: float
     kv_factor: float
     mixed_ms: float
     seq_us: float = 0.0
+    one_row_dense_factor: float | None = None
 
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.constant_ms, self.dense_factor, self.kv_factor, self.mixed_ms)
@@ -109,7 +112,7 @@ def load_calibration(name: str = "default") -> StepWeights:
     with fit_curve_weights), or from the section that an alias such as "default" names."""
     entry = calibration_entry(name)
     return StepWeights(entry["constant_ms"], entry["dense_factor"], entry["kv_factor"], entry["mixed_ms"],
-                       entry.get("seq_us", 0.0))
+                       entry.get("seq_us", 0.0), entry.get("one_row_dense_factor"))
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,8 @@ class StepCost:
         if pp > 1:
             share = shard.num_layers / model.num_layers
             self.weights = StepWeights(self.weights.constant_ms, self.weights.dense_factor, self.weights.kv_factor,
-                                       self.weights.mixed_ms * share, self.weights.seq_us * share)
+                                       self.weights.mixed_ms * share, self.weights.seq_us * share,
+                                       self.weights.one_row_dense_factor)
             weight_bytes = stage_read_bytes(model, tp, pp, weight_dtype, kv_dtype, layer_partition, ep)[stage]
             bf16_bytes = stage_read_bytes(model, tp, pp, "bf16", "bf16", layer_partition, ep)[stage]
         # a narrower dtype: its measured time (DtypeTime), as the bytes the fit's bandwidth term would read
@@ -319,6 +323,10 @@ class StepCost:
         # the fit's cost per sequence (StepWeights.seq_us), not divided by tp: sampling rows and host work do not
         # shrink with it (an assumption: no TP run has measured it)
         self._seq_s = self.weights.seq_us * 1e-6
+        # a one-token step's dense term at its own factor (StepWeights.one_row_dense_factor), as the difference
+        # from the shared factor's: one more term of extra_s, so every path that prices a step sees it
+        one_row = self.weights.one_row_dense_factor
+        self._one_row_s = 0.0 if one_row is None else (one_row - self.weights.dense_factor) * self.model.dense_s(1)
 
     def comm_s(self, num_tokens: int) -> float:
         """Two all-reduces per layer of the step's hidden states (0 without TP)."""
@@ -340,8 +348,10 @@ class StepCost:
 
     def extra_s(self, num_tokens: int, num_seqs: int) -> float:
         """What the step model's terms leave out: TP's (tp_s), the MoE layers' routing (MoeCosts), the MLA
-        layers' own launches (MlaCosts) and the fit's cost per sequence (seq_us; 0.0 for step-trace fits)."""
-        return self.tp_s(num_tokens, num_seqs) + self._fixed_s + self._seq_s * num_seqs
+        layers' own launches (MlaCosts), the fit's cost per sequence (seq_us; 0.0 for step-trace fits) and a
+        one-token step's own dense factor (one_row_dense_factor; 0.0 without)."""
+        extra = self.tp_s(num_tokens, num_seqs) + self._fixed_s + self._seq_s * num_seqs
+        return extra + self._one_row_s if num_tokens == 1 else extra
 
     def __call__(self, shape: StepShape) -> float:
         return self.model.predict(shape) + self.extra_s(shape.num_tokens, shape.num_seqs)
@@ -445,6 +455,21 @@ def fit_step_weights(rows: list[dict], weight_bytes: float, kv_bytes_per_token: 
     return StepWeights(*(float(v) for v in theta)), err
 
 
+# W1's mean KV context a decode step holds: its 128-token prompt plus half its 256 new tokens
+W1_CONTEXT = 128 + 256 // 2
+
+
+def fit_one_row(weights: StepWeights, decode_tok_s: float, weight_bytes: float, kv_bytes_per_token: float,
+                rates: DeviceRates, context: int = W1_CONTEXT) -> StepWeights:
+    """weights with one_row_dense_factor set so that a one-token decode step at `context` lasts what W1 measured
+    (1 / decode_tok_s): a trace's fit prices that step at its steps' own rate, and W2's and W3's are cuBLAS GEMM
+    steps of 2-256 rows, where one row runs the GEMV (H200 8B: the W2 + W3 fit said 188 tok/s for 235)."""
+    model = StepTimeModel(weight_bytes, kv_bytes_per_token, rates)
+    dense, kv, _ = model._terms(StepShape(1, 1, context))
+    rest = weights.constant_ms + weights.kv_factor * kv + weights.seq_us * 1e-3
+    return dataclasses.replace(weights, one_row_dense_factor=(1e3 / decode_tok_s - rest) / dense)
+
+
 def curve_points(curve: dict) -> tuple[list[tuple[int, float]], float]:
     """A `bench latency --curve` JSON's decode points as (batch, ms a step) and the mean KV context a sequence
     holds over them (its prompt plus half its output)."""
@@ -497,6 +522,8 @@ def _refit_parser(curve: bool):
         p.add_argument("traces", metavar="TRACE[,TRACE...]")
         p.add_argument("gpu", nargs="?", default="H200")
         p.add_argument("model", nargs="?", default="llama-3.1-8b")
+        p.add_argument("--w1", type=positive_float, metavar="DECODE_TOK_S",
+                       help="the build's W1 decode tok/s (`bench latency`): one_row_dense_factor from it (fit_one_row)")
     return p
 
 
@@ -530,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not rows:
                 raise InvalidArgumentError(f"{ns.traces}: no steps", param="traces")
             w, err = fit_step_weights(rows, shard.weight_bytes, shard.kv_bytes_per_token, rates)
+            if ns.w1:
+                w = fit_one_row(w, ns.w1, shard.weight_bytes, shard.kv_bytes_per_token, rates)
         except (KeyError, TypeError, ZeroDivisionError, np.linalg.LinAlgError):
             raise InvalidArgumentError(f"{ns.traces}: not a step trace (`meshserve serve --step-trace`)",
                                        param="traces") from None
@@ -541,6 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"kv_bytes_per_token = {shard.kv_bytes_per_token:.0f}\nconstant_ms = {w.constant_ms:.4f}\n"
           f"dense_factor = {w.dense_factor:.4f}\nkv_factor = {w.kv_factor:.4f}\nmixed_ms = {w.mixed_ms:.4f}\n"
           f"mean_abs_error = {err:.3f}")
+    if w.one_row_dense_factor is not None:
+        print(f"one_row_dense_factor = {w.one_row_dense_factor:.4f}")
     return 0
 
 

@@ -401,3 +401,58 @@ def test_mla_prices_its_kv_term_and_layers_from_the_calibration():
     cost, mla = StepCost(model, gpu), load_mla_costs()
     assert cost.model.kv_bytes_per_token == pytest.approx(mla.kv_time * stage_shard(model, Layout(), 0).kv_bytes_per_token)
     assert cost.extra_s(1, 1) > model.num_layers * mla.layer_us * 1e-6  # plus the MoE layers' routing
+
+
+def test_a_one_row_dense_factor_prices_one_token_steps_alone():
+    """one_row_dense_factor: a one-token step's dense term at that factor instead of the shared one, through
+    every path that prices a step (the call, step shapes, decode lines); every other step as without it; a
+    pipeline stage keeps it."""
+    model, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    base = load_calibration("h200_mixed_graphs")
+    assert base.one_row_dense_factor is None
+    without = StepCost(model, gpu, weights=base)
+    with_ = StepCost(model, gpu, weights=dataclasses.replace(base, one_row_dense_factor=1.2))
+    saved = (base.dense_factor - 1.2) * with_.model.dense_s(1)
+    assert saved > 0
+    for shape in (StepShape(1, 1, 300), StepShape(1, 1, 4000)):
+        assert without(shape) - with_(shape) == pytest.approx(saved, rel=1e-9)
+        assert with_.time_s(1, 1, shape.context_tokens) == pytest.approx(with_(shape), rel=1e-12)
+    for shape in (StepShape(2, 2, 600), StepShape(64, 64, 64 * 600), StepShape(512, 3, 2000)):
+        assert with_(shape) == without(shape)
+    (a, b), (a0, b0) = with_.decode_line(1, 300), without.decode_line(1, 300)
+    assert a0 - a == pytest.approx(saved, rel=1e-9) and b == b0
+    assert with_.decode_line(8, 800) == without.decode_line(8, 800)
+    assert StepCost(model, gpu, weights=with_.weights, pp=2, stage=1).weights.one_row_dense_factor == 1.2
+
+
+def test_fit_one_row_makes_a_w1_step_last_what_w1_measured():
+    """fit_one_row sets the factor from W1's decode rate; calibration.toml's h200_1206 is h200_mixed_graphs with it
+    set from the 2026-12-06 build's 235.2 tok/s (what its source line says)."""
+    from meshserve.simulator.step_cost import W1_CONTEXT, fit_one_row
+
+    model, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
+    shard = stage_shard(model, Layout(), 0)
+    base = load_calibration("h200_mixed_graphs")
+    fitted = fit_one_row(base, 235.2, shard.weight_bytes, shard.kv_bytes_per_token, _rates(gpu))
+    assert StepCost(model, gpu, weights=fitted)(StepShape(1, 1, W1_CONTEXT)) == pytest.approx(1 / 235.2, rel=1e-9)
+    assert dataclasses.replace(fitted, one_row_dense_factor=None) == base
+    stored = load_calibration("h200_1206")
+    assert stored.one_row_dense_factor == pytest.approx(fitted.one_row_dense_factor, abs=1e-4)
+    assert stored.as_tuple() == base.as_tuple()
+
+
+def test_the_trace_refit_command_takes_w1_for_the_one_row_factor(capsys):
+    """`python -m meshserve.simulator.step_cost TRACE --w1 TOK_S` prints one_row_dense_factor beside the fit; a
+    W1 rate that is not a positive number is argparse's one-line error."""
+    from meshserve.simulator.step_cost import main
+
+    trace = RESULTS / SECTIONS["h200_mixed_graphs"][1][0]
+    if not trace.exists():
+        pytest.skip("step trace not in this checkout")
+    assert main([str(trace), "--w1", "235.2"]) == 0
+    printed = dict(line.split(" = ") for line in capsys.readouterr().out.splitlines() if " = " in line)
+    assert float(printed["one_row_dense_factor"]) == pytest.approx(load_calibration("h200_1206").one_row_dense_factor,
+                                                                   abs=1e-3)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(trace), "--w1", "-5"])
+    assert exit_info.value.code == 2 and "must be > 0" in capsys.readouterr().err

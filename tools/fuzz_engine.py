@@ -49,8 +49,8 @@ COMMON = dict(device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0
 PLAIN = dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=4096,
              async_scheduling=False, block_size=16)
 FAMILIES = {"llama": {}, "qwen3": {}, "llama_tied": {"family": "llama", "tie_word_embeddings": True}}
-# checkpoints with experts: --parallel draws expert parallel over the TP pair for them too
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+# checkpoints with experts (their configs route tokens): --parallel draws expert parallel over the TP pair for them too
+MOE_FAMILIES = tuple(name for name, cfg in CHECKPOINT_FAMILIES.items() if "num_experts_per_tok" in cfg)
 
 
 def ckpt(name: str) -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meshserve.bench.workloads import W1_NEW_TOKENS
 from meshserve.engine.step_time import DeviceRates, StepShape, StepTimeModel
 from meshserve.errors import InvalidArgumentError
 from meshserve.planner.hardware import GpuSpec
@@ -455,8 +456,8 @@ def fit_step_weights(rows: list[dict], weight_bytes: float, kv_bytes_per_token: 
     return StepWeights(*(float(v) for v in theta)), err
 
 
-# W1's mean KV context a decode step holds: its 128-token prompt plus half its 256 new tokens
-W1_CONTEXT = 128 + 256 // 2
+# W1's mean KV context a decode step holds: its 128-token prompt (bench.workloads.w1_prompt) plus half its new tokens
+W1_CONTEXT = 128 + W1_NEW_TOKENS // 2
 
 
 def fit_one_row(weights: StepWeights, decode_tok_s: float, weight_bytes: float, kv_bytes_per_token: float,

@@ -530,7 +530,7 @@ def _architecture_assumptions(config) -> list[str]:
 
     model, lines = config.model_spec(), []
     if model.is_moe:
-        moe = load_moe_costs()
+        moe = load_moe_costs(config.calibration_section)
         lines.append(f"MoE: a step reads the experts its tokens route to under uniform routing (a skewed router "
                      f"touches fewer and loads some more: not modelled), plus {moe.route_us:g} us of routing per "
                      f"MoE layer (measured) and at least {moe.floor_us:g} us per layer's expert read (fitted to W1 "
@@ -538,7 +538,7 @@ def _architecture_assumptions(config) -> list[str]:
                                                      "exchange priced as TP's all-reduces" if config.layout.ep > 1
                                                      else ""))
     if model.is_mla:
-        mla = load_mla_costs()
+        mla = load_mla_costs(config.calibration_section)
         lines.append(f"MLA: the latent cache's KV term at {mla.kv_time:g}x GQA's time per byte (our MLA decode "
                      f"kernel against the GQA one on one H200) and {mla.layer_us:g} us per layer per step (fitted to "
                      "W1 DeepSeek-V2-Lite)")

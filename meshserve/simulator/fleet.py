@@ -42,6 +42,8 @@ from meshserve.simulator.step_cost import (
     TpCosts,
     load_calibration,
     load_eager_costs,
+    load_mla_costs,
+    load_moe_costs,
     load_tp_costs,
 )
 from meshserve.simulator.step_noise import NoiseStream, load_step_noise
@@ -81,7 +83,7 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     fit = config.calibration_section
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(fit), weight_dtype=config.weights_dtype(model),
                     kv_dtype=config.kv_dtype, tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm,
-                    ep=config.layout.ep,
+                    ep=config.layout.ep, moe_costs=load_moe_costs(fit), mla_costs=load_mla_costs(fit),
                     eager=None if config.pp > 1 else load_eager_costs(fit) if eager == "calibration" else eager)
     noise = load_step_noise(fit) if config.step_noise else None
     stalls = config.frontend_stall_table
@@ -431,7 +433,8 @@ def stage_pipeline(config: SimConfig, model, gpu, step_cost: Callable | list | N
         return StagePipeline(costs, lambda _tokens: 0.0)
     stages = [StepCost(model, gpu, config.tp, cost.weights, weight_dtype=config.weights_dtype(model),
                        kv_dtype=config.kv_dtype, pp=config.pp, stage=s, tp_costs=cost.tp_costs, ep=config.layout.ep,
-                       layer_partition=config.pp_layer_partition, fused_norm=config.tp_fused_norm)
+                       layer_partition=config.pp_layer_partition, fused_norm=config.tp_fused_norm,
+                       moe_costs=cost.moe_costs, mla_costs=cost.mla_costs)
               for s in range(config.pp)]
     same_node = config.gpus_per_replica <= gpu.gpus_per_node
     return StagePipeline(stages, lambda tokens: hop_s(model, gpu, tokens, same_node))

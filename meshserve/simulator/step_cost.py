@@ -20,8 +20,10 @@ and KV factors, so that dividing those terms by tp wrongly divides them too. At 
 Beyond the fit (calibration.toml's tables for every fit, measured or fitted on our H200 runs): a narrower weight
 or cache dtype takes a measured fraction of bf16's term (DtypeTime), not its bytes' share; a MoE step reads the
 experts its tokens route to (moe_steps.py) plus each MoE layer's routing launch (MoeCosts); MLA prices its KV term
-at its kernel's time per byte and adds each layer's own launches (MlaCosts). Dense bf16 models are priced as
-before, to the bit.
+at its kernel's time per byte and adds each layer's own launches (MlaCosts). Those two tables are the build now;
+a fit of an older build's runs may carry its own ([NAME.moe], [NAME.mla]: load_moe_costs(name)), and
+`--layer-cost moe|mla` fits them to a build's W1 (fit_layer_cost). Dense bf16 models are priced as before, to
+the bit.
 """
 
 from __future__ import annotations
@@ -177,15 +179,20 @@ class MoeCosts:
     floor_us: float = 0.0
 
 
-def _costs_table(cls, section: str):
+def _costs_table(cls, section: str, name: str | None = None):
     """A top-level table of calibration.toml as `cls` (a dataclass of floats): its fields the table has, the
-    defaults for the rest (an absent table: all defaults)."""
-    table = calibration_sections().get(section, {})
+    defaults for the rest (an absent table: all defaults); with a fit's name, that fit's own table of the same
+    name ([NAME.moe]) over it: the costs of the build whose runs that fit was measured on (the top-level table
+    is the build now)."""
+    table = dict(calibration_sections().get(section, {}))
+    if name is not None:
+        table.update(calibration_entry(name).get(section, {}))
     return cls(**{f.name: float(table[f.name]) for f in dataclasses.fields(cls) if f.name in table})
 
 
-def load_moe_costs() -> MoeCosts:
-    return _costs_table(MoeCosts, "moe")
+def load_moe_costs(name: str | None = None) -> MoeCosts:
+    """calibration.toml's [moe], with the named fit's own [NAME.moe] over it where it has one."""
+    return _costs_table(MoeCosts, "moe", name)
 
 
 @dataclass(frozen=True)
@@ -197,8 +204,9 @@ class MlaCosts:
     layer_us: float = 0.0
 
 
-def load_mla_costs() -> MlaCosts:
-    return _costs_table(MlaCosts, "mla")
+def load_mla_costs(name: str | None = None) -> MlaCosts:
+    """calibration.toml's [mla], with the named fit's own [NAME.mla] over it where it has one."""
+    return _costs_table(MlaCosts, "mla", name)
 
 
 @dataclass(frozen=True)
@@ -257,12 +265,15 @@ class StepCost:
     MoE model's experts whole over the TP ranks (the engine's --enable-expert-parallel).
     tp_costs: the per-layer costs at tp > 1 (default: the default calibration's). eager: what a mixed step past
     the mixed-step graphs costs beyond the fit (eager_steps.py; measured on one GPU, so not split into stages:
-    none with pp > 1); its device term is in the model the policy predicts with, its host term in host_s only."""
+    none with pp > 1); its device term is in the model the policy predicts with, its host term in host_s only.
+    moe_costs / mla_costs: a MoE / MLA layer's own costs (default: calibration.toml's [moe] / [mla]; a fit's own
+    tables by load_moe_costs(name) / load_mla_costs(name))."""
 
     def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int = 1, weights: StepWeights | None = None,
                  weight_dtype: str = "bf16", kv_dtype: str = "bf16", pp: int = 1, stage: int = 0,
                  tp_costs: TpCosts | None = None, layer_partition: Sequence[int] | None = None,
-                 fused_norm: str = "", eager: EagerStepCosts | None = None, ep: int = 1):
+                 fused_norm: str = "", eager: EagerStepCosts | None = None, ep: int = 1,
+                 moe_costs: MoeCosts | None = None, mla_costs: MlaCosts | None = None):
         layout = Layout(tp=tp, pp=pp, ep=ep)  # ep = tp: whole experts over the TP ranks (SimConfig.layout)
         shard = stage_shard(model, layout, stage, weight_dtype, kv_dtype, layer_partition)
         wide = stage_shard(model, layout, stage, "bf16", "bf16", layer_partition)
@@ -280,8 +291,11 @@ class StepCost:
         params = bf16_bytes / 2  # the FLOPs follow the parameters, not the bytes they are stored in
         weight_bytes = dtype_time.weight_bytes(weight_dtype, bf16_bytes, weight_bytes)
         kv_bytes = dtype_time.kv_bytes_per_token(kv_dtype, wide.kv_bytes_per_token, shard.kv_bytes_per_token)
-        mla = load_mla_costs() if model.is_mla else MlaCosts()
-        moe_costs = load_moe_costs() if model.is_moe else MoeCosts()
+        # the MoE / MLA layers' own costs (None: calibration.toml's top-level tables, the build now)
+        self.moe_costs = moe_costs or load_moe_costs()
+        self.mla_costs = mla_costs or load_mla_costs()
+        mla = self.mla_costs if model.is_mla else MlaCosts()
+        moe_costs = self.moe_costs if model.is_moe else MoeCosts()
         kv_bytes *= mla.kv_time  # the latent cache's decode kernel reads slower than GQA's (calibration.toml [mla])
         moe = {}
         if model.is_moe:  # a step reads the experts its tokens route to; a token multiplies by its top-k
@@ -471,6 +485,40 @@ def fit_one_row(weights: StepWeights, decode_tok_s: float, weight_bytes: float, 
     return dataclasses.replace(weights, one_row_dense_factor=(1e3 / decode_tok_s - rest) / dense)
 
 
+LAYER_COSTS = {"moe": "floor_us", "mla": "layer_us"}  # fit_layer_cost's tables and the field each fits
+
+
+def fit_layer_cost(model: ModelSpec, gpu: GpuSpec, weights: StepWeights, decode_tok_s: float, table: str,
+                   moe_costs: MoeCosts | None = None, mla_costs: MlaCosts | None = None,
+                   context: int = W1_CONTEXT) -> float:
+    """[moe] floor_us (table "moe") or [mla] layer_us ("mla") such that a one-token decode step at `context`
+    lasts what W1 measured (1 / decode_tok_s), the weights and the other costs as given: per-layer costs of the
+    one-token step that a step trace of GEMM steps does not see (the MoE GEMV's short wave, MLA's own launches).
+    The step's time grows with either, so bisection; a measured rate the step reaches with the cost at 0 (or
+    not even at 10 ms a layer) is an InvalidArgumentError."""
+    if table not in LAYER_COSTS:
+        raise InvalidArgumentError(f"table takes one of {sorted(LAYER_COSTS)}, got {table!r}", param="table")
+    if not (model.is_moe if table == "moe" else model.is_mla):
+        raise InvalidArgumentError(f"{model.name} has no {'MoE' if table == 'moe' else 'MLA'} layers", param="model")
+    moe_costs, mla_costs = moe_costs or load_moe_costs(), mla_costs or load_mla_costs()
+    target = 1.0 / decode_tok_s
+    shape = StepShape(1, 1, context)
+
+    def step_s(us: float) -> float:
+        moe = dataclasses.replace(moe_costs, floor_us=us) if table == "moe" else moe_costs
+        mla = dataclasses.replace(mla_costs, layer_us=us) if table == "mla" else mla_costs
+        return StepCost(model, gpu, weights=weights, moe_costs=moe, mla_costs=mla)(shape)
+
+    lo, hi = 0.0, 1e4
+    if not step_s(lo) < target < step_s(hi):
+        raise InvalidArgumentError(f"{decode_tok_s:g} tok/s is out of reach of {table} {LAYER_COSTS[table]} in "
+                                   f"[0, {hi:g}] us with these weights", param="decode_tok_s")
+    while hi - lo > 1e-4:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if step_s(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
 def curve_points(curve: dict) -> tuple[list[tuple[int, float]], float]:
     """A `bench latency --curve` JSON's decode points as (batch, ms a step) and the mean KV context a sequence
     holds over them (its prompt plus half its output)."""
@@ -503,13 +551,22 @@ def fit_curve_weights(points: list[tuple[int, float]], context: float, weight_by
     return StepWeights(constant, dense_factor, kv_factor, mixed_ms, seq_us), err
 
 
-def _refit_parser(curve: bool):
+def _refit_parser(mode: str):
     import argparse
 
     from meshserve.cli_types import non_negative_float, positive_float
 
     prog = "python -m meshserve.simulator.step_cost"
-    if curve:
+    if mode == "layer":
+        p = argparse.ArgumentParser(prog=f"{prog} --layer-cost", description="[moe] floor_us or [mla] layer_us "
+                                    "from a build's W1 (`meshserve bench latency`: decode tok/s), the fit's weights and "
+                                    "the other costs as calibration.toml has them (fit_layer_cost).")
+        p.add_argument("table", choices=sorted(LAYER_COSTS))
+        p.add_argument("model", help="a MoE (moe) or MLA (mla) preset, an HF id of one, or a config.json path")
+        p.add_argument("gpu", help="a GPU of the planner's catalog (e.g. H200)")
+        p.add_argument("decode_tok_s", type=positive_float, metavar="DECODE_TOK_S")
+        p.add_argument("--calibration", default="default", help="the fit whose weights and tables price the step")
+    elif mode == "curve":
         p = argparse.ArgumentParser(prog=f"{prog} --curve", description="Step weights from a decode curve "
                                     "(`meshserve bench latency --curve ... --output-json`) with the KV factor given.")
         p.add_argument("curve", metavar="CURVE.json")
@@ -519,7 +576,8 @@ def _refit_parser(curve: bool):
         p.add_argument("mixed_ms", type=non_negative_float, help="the extra time of a step carrying prefill")
     else:
         p = argparse.ArgumentParser(prog=prog, description="Step weights fitted to step traces "
-                                    "(`meshserve serve --step-trace FILE`); --curve CURVE.json ... for a decode curve.")
+                                    "(`meshserve serve --step-trace FILE`); --curve CURVE.json ... for a decode curve; --layer-cost "
+                                    "moe|mla ... for a MoE / MLA layer's own cost.")
         p.add_argument("traces", metavar="TRACE[,TRACE...]")
         p.add_argument("gpu", nargs="?", default="H200")
         p.add_argument("model", nargs="?", default="llama-3.1-8b")
@@ -535,11 +593,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from meshserve.planner.model import load_model
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    curve = bool(argv) and argv[0] == "--curve"
-    parser = _refit_parser(curve)
-    ns = parser.parse_args(argv[1:] if curve else argv)
+    mode = {"--curve": "curve", "--layer-cost": "layer"}.get(argv[0] if argv else "", "traces")
+    curve = mode == "curve"
+    parser = _refit_parser(mode)
+    ns = parser.parse_args(argv if mode == "traces" else argv[1:])
     try:
         gpu = get_gpu(ns.gpu)
+        if mode == "layer":
+            model = load_model(ns.model)
+            fit = calibration_for(ns.calibration, model.name, gpu.name)
+            us = fit_layer_cost(model, gpu, load_calibration(fit), ns.decode_tok_s, ns.table,
+                                load_moe_costs(fit), load_mla_costs(fit))
+            print(f"# {model.name} on {gpu.name}, fit {fit}, W1 {ns.decode_tok_s:g} decode tok/s\n"
+                  f"[{ns.table}]\n{LAYER_COSTS[ns.table]} = {us:.2f}")
+            return 0
         shard = stage_shard(load_model(ns.model), Layout(), 0)
         rates = DeviceRates(gpu.hbm_bytes_per_s, gpu.flops_per_s("bf16"))
         if curve:

@@ -137,52 +137,69 @@ def one_gpu_w2_rows() -> list[dict]:
     return rows
 
 
-# MoE and MLA models on one H200, bf16 (issues 23, 24): (run, model, metric, the runs' JSON, fitted). W1 is
-# `bench latency` (decode tok/s), W2 `bench throughput` (seconds). The two W1 rows are what calibration.toml's
-# [moe] floor_us and [mla] layer_us are fitted to; the W2 rows and the batch-256 step saw nothing of their run.
+# MoE and MLA models on one GPU, bf16 (issues 23, 24): (run, model, metric, GPU, the fit, the runs' JSON, fitted).
+# W1 is `bench latency` (decode tok/s), W2 `bench throughput` (seconds); several JSONs (one per process): their
+# median. The fitted W1 rows are what calibration.toml's [moe] floor_us and [mla] layer_us are fitted to (the
+# build now; the eleventh session's build: its own fit, [h200_moe_1201]); the W2 rows, the H100's W1 and the
+# batch-256 step saw nothing of their run. "default" is the GPU's default fit (the H100's own on the H100).
+_S34_W1 = "h200_1204_s34/w1_ab_call4_moe_tile.tgz:w1_ab/{}_qwen3-30b-a3b_NORM_ROW_TILE_8_8.json"
 MOE_ONE_GPU = (
-    ("W1 qwen3-30b-a3b (eleventh session)", "qwen3-30b-a3b", "w1", "h200_1201_s11/moe_mla/latency_model_qwen330ba3b.json",
-     True),
-    ("W1 deepseek-v2-lite (eleventh session)", "deepseek-v2-lite", "w1",
+    ("W1 qwen3-30b-a3b (eleventh session)", "qwen3-30b-a3b", "w1", "H200", "h200_moe_1201",
+     "h200_1201_s11/moe_mla/latency_model_qwen330ba3b.json", True),
+    ("W1 deepseek-v2-lite (eleventh session)", "deepseek-v2-lite", "w1", "H200", "h200_moe_1201",
      "h200_1201_s11/moe_mla/latency_model_deepseekv2lite.json", True),
-    ("W2 qwen3-30b-a3b (fourteenth session)", "qwen3-30b-a3b", "w2", "h200_1201_s14/call6/ms_w2_qwen3moe.json", False),
-    ("W2 qwen3-30b-a3b (sixteenth session)", "qwen3-30b-a3b", "w2", "h200_1202_s16/moe_mla/w2_qwen3moe_fused.json",
-     False),
-    ("W2 qwen3-30b-a3b (eighteenth session)", "qwen3-30b-a3b", "w2",
+    ("W1 qwen3-30b-a3b (thirty-fourth session)", "qwen3-30b-a3b", "w1", "H200", "default",
+     (_S34_W1.format(1), _S34_W1.format(2)), True),
+    ("W1 deepseek-v2-lite (thirty-first session)", "deepseek-v2-lite", "w1", "H200", "default",
+     "h200_1203_s31/call5_deepseek/w1_ab.tgz:w1_ab/1_deepseek-v2-lite_default.json", True),
+    ("W2 qwen3-30b-a3b (fourteenth session)", "qwen3-30b-a3b", "w2", "H200", "default",
+     "h200_1201_s14/call6/ms_w2_qwen3moe.json", False),
+    ("W2 qwen3-30b-a3b (sixteenth session)", "qwen3-30b-a3b", "w2", "H200", "default",
+     "h200_1202_s16/moe_mla/w2_qwen3moe_fused.json", False),
+    ("W2 qwen3-30b-a3b (eighteenth session)", "qwen3-30b-a3b", "w2", "H200", "default",
      "h200_1202_s18/meshserve_runs.json#3/w2moe_pdl_0.json", False),
-    ("W2 deepseek-v2-lite (sixteenth session)", "deepseek-v2-lite", "w2", "h200_1202_s16/moe_mla/w2_dsv2lite_on.json",
-     False),
-    ("W2 deepseek-v2-lite (seventeenth session)", "deepseek-v2-lite", "w2", "h200_1202_s17/mla/w2_dsv2lite_on.json",
-     False),
-    ("W2 deepseek-v2-lite (eighteenth session)", "deepseek-v2-lite", "w2",
+    ("W2 deepseek-v2-lite (sixteenth session)", "deepseek-v2-lite", "w2", "H200", "default",
+     "h200_1202_s16/moe_mla/w2_dsv2lite_on.json", False),
+    ("W2 deepseek-v2-lite (seventeenth session)", "deepseek-v2-lite", "w2", "H200", "default",
+     "h200_1202_s17/mla/w2_dsv2lite_on.json", False),
+    ("W2 deepseek-v2-lite (eighteenth session)", "deepseek-v2-lite", "w2", "H200", "default",
      "h200_1202_s18/meshserve_runs.json#4/w2_dsv2.json", False),
+    ("W1 qwen3-30b-a3b (fifty-fourth session, H100)", "qwen3-30b-a3b", "w1", "H100-SXM", "default",
+     "h100_1206_s54/call7_peer/ms_curve_qwen3-30b-a3b.json", False),
+    ("W2 qwen3-30b-a3b (fifty-fourth session, H100)", "qwen3-30b-a3b", "w2", "H100-SXM", "default",
+     "h100_1206_s54/call7_peer/ms_w2_qwen3-30b-a3b.json", False),
 )
 
 
 def moe_rows() -> list[dict]:
     """MOE_ONE_GPU replayed: W1 as decode tok/s of one 128-token prompt, W2 its seconds."""
+    import statistics
+
     from meshserve.bench.workloads import W1_NEW_TOKENS, w2_requests
 
     reqs = [(len(r.prompt_token_ids), r.max_tokens) for r in w2_requests()]
     rows = []
-    for run, model, metric, file, fitted in MOE_ONE_GPU:
-        meas = _result_json(file)
+    for run, model, metric, gpu, fit, files, fitted in MOE_ONE_GPU:
+        files = (files,) if isinstance(files, str) else files
+        meas = [_result_json(f) for f in files]
         if metric == "w1":
-            w1 = replay_offline(model, 1, [(128, W1_NEW_TOKENS)])
-            pred, got, goal = _decode_tok_s(w1, 1, W1_NEW_TOKENS), meas["decode_tok_s"], "w1"
+            w1 = replay_offline(model, 1, [(128, W1_NEW_TOKENS)], gpu=gpu, calibration=fit)
+            pred, got, goal = _decode_tok_s(w1, 1, W1_NEW_TOKENS), [m["decode_tok_s"] for m in meas], "w1"
         else:
-            pred, got, goal = replay_offline(model, 1, reqs)["duration_s"], meas["seconds"], "w2_seconds"
+            pred = replay_offline(model, 1, reqs, gpu=gpu, calibration=fit)["duration_s"]
+            got, goal = [m["seconds"] for m in meas], "w2_seconds"
         rows.append({"run": run, "metric": "decode tok/s" if metric == "w1" else "seconds", "pred": pred,
-                     "meas": got, "goal": goal, "fitted": fitted, "file": file})
+                     "meas": statistics.median(got), "goal": goal, "fitted": fitted, "gpu": gpu, "fit": fit,
+                     "file": files[0]})
     return rows
 
 
 def moe_table() -> str:
-    lines = ["| run (one H200, bf16) | metric | simulated | measured | error | goal (within 10%) | how | measured in |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run (one GPU, bf16) | metric | fit | simulated | measured | error | goal (within 10%) | how | measured in |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in moe_rows():
-        lines.append(f"| {r['run']} | {r['metric']} | {r['pred']:.2f} | {r['meas']:.2f} | {r['pred'] / r['meas'] - 1:+.1%} | "
-                     f"{'met' if _met(r['pred'], r['meas'], r['goal']) else 'missed'} | "
+        lines.append(f"| {r['run']} | {r['metric']} | `{r['fit']}` | {r['pred']:.2f} | {r['meas']:.2f} | "
+                     f"{r['pred'] / r['meas'] - 1:+.1%} | {'met' if _met(r['pred'], r['meas'], r['goal']) else 'missed'} | "
                      f"{'fitted' if r['fitted'] else 'check'} | `{r['file']}` |")
     return "\n".join(lines)
 

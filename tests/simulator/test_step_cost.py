@@ -403,6 +403,46 @@ def test_mla_prices_its_kv_term_and_layers_from_the_calibration():
     assert cost.extra_s(1, 1) > model.num_layers * mla.layer_us * 1e-6  # plus the MoE layers' routing
 
 
+def test_a_fit_may_carry_its_builds_moe_and_mla_costs():
+    """load_moe_costs / load_mla_costs(name): the top-level [moe] / [mla] (the build now) with the named fit's own
+    table over it; StepCost prices by the costs it is given, and the fleet by its fit's."""
+    from meshserve.simulator.step_cost import MoeCosts, load_mla_costs, load_moe_costs
+
+    now, old = load_moe_costs(), load_moe_costs("h200_moe_1201")
+    assert old.floor_us > now.floor_us and old.route_us == now.route_us  # route_us: not in the fit's table
+    assert load_moe_costs("h200_mixed_graphs") == now  # a fit without a table of its own
+    assert load_mla_costs("h200_moe_1201").layer_us != load_mla_costs().layer_us
+    model, gpu = load_model("qwen3-30b-a3b"), get_gpu("H200")
+    one = StepShape(1, 1, 256)
+    slow = StepCost(model, gpu, moe_costs=old)
+    assert slow.moe_costs == old and slow(one) > StepCost(model, gpu)(one)
+    # at 256 tokens every expert is read: the floor does not bind
+    assert slow(StepShape(256, 256, 0)) == pytest.approx(StepCost(model, gpu)(StepShape(256, 256, 0)), rel=1e-12)
+    # a dense model ignores both
+    assert StepCost(load_model("llama-3.1-8b"), gpu, moe_costs=MoeCosts(99.0, 99.0))(one) == \
+        StepCost(load_model("llama-3.1-8b"), gpu)(one)
+
+
+def test_fit_layer_cost_inverts_the_one_token_step():
+    """fit_layer_cost: the floor (or MLA layer cost) at which W1's one-token step lasts 1 / tok/s; put back, the
+    step prices that rate; a rate out of reach, a model without such layers or an unknown table: one error."""
+    from meshserve.simulator.step_cost import W1_CONTEXT, MoeCosts, fit_layer_cost, load_moe_costs
+
+    gpu, weights = get_gpu("H200"), load_calibration()
+    qwen, ds = load_model("qwen3-30b-a3b"), load_model("deepseek-v2-lite")
+    floor = fit_layer_cost(qwen, gpu, weights, 300.0, "moe")
+    moe = MoeCosts(load_moe_costs().route_us, floor)
+    assert 1.0 / StepCost(qwen, gpu, weights=weights, moe_costs=moe)(StepShape(1, 1, W1_CONTEXT)) == \
+        pytest.approx(300.0, rel=1e-5)
+    assert fit_layer_cost(qwen, gpu, weights, 250.0, "moe") > floor  # slower: a higher floor
+    layer = fit_layer_cost(ds, gpu, weights, 300.0, "mla", moe_costs=moe)
+    assert layer > 0
+    for args in ((qwen, gpu, weights, 1e6, "moe"), (qwen, gpu, weights, 300.0, "mla"),
+                 (load_model("llama-3.1-8b"), gpu, weights, 300.0, "moe"), (qwen, gpu, weights, 300.0, "dense")):
+        with pytest.raises(InvalidArgumentError):
+            fit_layer_cost(*args)
+
+
 def test_a_one_row_dense_factor_prices_one_token_steps_alone():
     """one_row_dense_factor: a one-token step's dense term at that factor instead of the shared one, through
     every path that prices a step (the call, step shapes, decode lines); every other step as without it; a
@@ -456,3 +496,25 @@ def test_the_trace_refit_command_takes_w1_for_the_one_row_factor(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(trace), "--w1", "-5"])
     assert exit_info.value.code == 2 and "must be > 0" in capsys.readouterr().err
+
+
+def test_the_layer_cost_command_reproduces_the_stored_moe_and_mla_costs(capsys):
+    """`python -m meshserve.simulator.step_cost --layer-cost moe|mla MODEL GPU TOK_S [--calibration FIT]` on the
+    W1 rates calibration.toml names gives its stored floor_us / layer_us (the build now and the eleventh
+    session's, with that fit's own tables); a model without such layers is one line, exit 2."""
+    from meshserve.simulator.step_cost import load_mla_costs, load_moe_costs, main
+
+    def printed(argv):
+        assert main(argv) == 0
+        return float(capsys.readouterr().out.splitlines()[-1].split(" = ")[1])
+
+    assert printed(["--layer-cost", "moe", "qwen3-30b-a3b", "H200", "366.36"]) == pytest.approx(
+        load_moe_costs().floor_us, abs=0.01)
+    assert printed(["--layer-cost", "mla", "deepseek-v2-lite", "H200", "359.56"]) == pytest.approx(
+        load_mla_costs().layer_us, abs=0.01)
+    assert printed(["--layer-cost", "moe", "qwen3-30b-a3b", "H200", "252.13", "--calibration",
+                    "h200_moe_1201"]) == pytest.approx(load_moe_costs("h200_moe_1201").floor_us, abs=0.01)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--layer-cost", "moe", "llama-3.1-8b", "H200", "200"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].endswith("llama-3.1-8b has no MoE layers")

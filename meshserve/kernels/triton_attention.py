@@ -502,16 +502,27 @@ def _prefill_config(head_dim_pad: int, group_pad: int, max_query_len: int) -> tu
     return cfg.block_q, cfg.block_n, cfg.num_warps
 
 
+# the shortest KV split decode_num_splits makes (MESHSERVE_DECODE_SPLIT_TOKENS for A/Bs); the decode tile's
+# block_n bounds it from below
+DECODE_SPLIT_TOKENS = 256
+
+
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
-                      num_sms: int, max_splits: int = 64, min_tokens_per_split: int = 256) -> int:
+                      num_sms: int, max_splits: int = 64, min_tokens_per_split: int = DECODE_SPLIT_TOKENS,
+                      min_splits: int = 1) -> int:
     """Splits per (sequence, KV head) from host-known shapes only: when the batch alone leaves most SMs
-    idle, enough programs to fill the GPU about twice; never splits shorter than min_tokens_per_split, a power of two (few distinct workspace shapes)."""
+    idle, enough programs to fill the GPU about twice; never splits shorter than min_tokens_per_split, except
+    that such a grid over a context of at least min_splits tiles takes min_splits (one tile each at least); a
+    power of two (few distinct workspace shapes)."""
     programs = max(1, num_seqs * num_kv_heads)
     # split only when the programs would leave most SMs idle: at one program per SM a single split already
     # streams at ~70% of the copy bandwidth, and the extra pass over the workspace costs more than it gains
     # (tools/sweep_decode_attention.py on an H100)
     want = -(-2 * num_sms // programs) if 2 * programs <= num_sms else 1
-    by_len = max(1, -(-max(1, max_seq_len) // max(block_n, min_tokens_per_split)))
+    seq_len = max(1, max_seq_len)
+    by_len = max(1, -(-seq_len // max(block_n, min_tokens_per_split)))
+    if want > 1:
+        by_len = max(by_len, min(min_splits, -(-seq_len // block_n)))
     n = max(1, min(want, by_len, max_splits))
     return 1 << (n.bit_length() - 1)  # round down to a power of two
 
@@ -528,13 +539,16 @@ class TritonAttentionBackend:
     balanced: programs an SM of the balanced kernel (kernels/triton_decode_balanced.py, MESHSERVE_DECODE_BALANCED)
     for decode grids of >= GRID_TILE_MIN_WAVES (sequence, KV head) programs an SM without a window; 0: the split
     kernel everywhere.
+    split_tokens, min_splits: the heuristic's shortest split and its least splits of a short context in a grid
+    that leaves SMs idle (decode_num_splits).
     """
 
     name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None, max_decode_splits: int = 64,
                  inline_reduce: bool = False, grid_tile: str = "auto", fp8_path: str = "words",
-                 grid_tile_shape: tuple[int, int, int] | None = None, balanced: int = 0):
+                 grid_tile_shape: tuple[int, int, int] | None = None, balanced: int = 0,
+                 split_tokens: int = DECODE_SPLIT_TOKENS, min_splits: int = 1):
         if fp8_path not in (*FP8_PATHS, "auto"):
             raise ValueError(f"fp8_path takes one of {(*FP8_PATHS, 'auto')}, got {fp8_path!r}")
         if grid_tile not in GRID_TILE_MODES:
@@ -546,6 +560,8 @@ class TritonAttentionBackend:
         self.grid_tile_shape = grid_tile_shape or GRID_TILE  # (block_n, num_warps, num_stages) of those grids
         self.fp8_path = fp8_path  # decode over an fp8 cache: "convert", "words" or "auto" (_fp8_path_for)
         self.balanced = balanced  # programs an SM of the balanced kernel for large decode grids; 0: off
+        self.split_tokens = split_tokens  # the heuristic's shortest split
+        self.min_splits = min_splits  # ... and its least splits of a short context (two tiles or more)
 
     # -- cache write ---------------------------------------------------------------------------------
     def write_kv(self, key, value, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -636,7 +652,8 @@ class TritonAttentionBackend:
         block_n = _decode_block_n(_next_pow2(head_dim), dtype.itemsize)
         return decode_num_splits(num_seqs, num_kv_heads, max_seq_len, block_n,
                                  _num_sms(device.index if device.type == "cuda" else None),
-                                 max_splits=self.max_decode_splits)
+                                 max_splits=self.max_decode_splits, min_tokens_per_split=self.split_tokens,
+                                 min_splits=self.min_splits)
 
     def _decode(self, query, kv_cache, meta, scale, sliding_window, out, k_scale, v_scale):
         """The one-token rows of the batch through the split-K decode kernel."""

@@ -55,7 +55,8 @@ class TorchAttentionBackend:
 def make_attention_backend(name: str, decode_inline_reduce: bool = False,
                            decode_grid_tile: str = "auto", decode_fp8_path: str = "words",
                            decode_grid_tile_shape: tuple[int, int, int] | None = None,
-                           decode_balanced: int = 0) -> AttentionBackend:
+                           decode_balanced: int = 0, decode_split_tokens: int = 256,
+                           decode_min_splits: int = 1) -> AttentionBackend:
     """The backend called `name` (torch or triton); layers/backend_selection.py decides which (and whether the
     Triton decode reduces its splits inline, which caches' large decode grids take smaller CTAs and how it reads an
     fp8 cache)."""
@@ -66,7 +67,8 @@ def make_attention_backend(name: str, decode_inline_reduce: bool = False,
 
         return TritonAttentionBackend(inline_reduce=decode_inline_reduce, grid_tile=decode_grid_tile,
                                       fp8_path=decode_fp8_path, grid_tile_shape=decode_grid_tile_shape,
-                                      balanced=decode_balanced)
+                                      balanced=decode_balanced, split_tokens=decode_split_tokens,
+                                      min_splits=decode_min_splits)
     raise ValueError(f"unknown attention backend {name!r} (torch, triton)")
 
 

@@ -114,6 +114,14 @@ Overrides (environment, read only here, for debugging and references):
                                             11.52 / 11.48 with convert, Qwen3-0.6B fp8 KV 5.15 / 5.38 against
                                             6.04 / 5.86), convert (Triton converts after its shared-memory load)
                                             or auto (words with the one tile, convert with the grid tile)
+  MESHSERVE_DECODE_SPLIT_TOKENS=N           the decode split heuristic's shortest KV split (a power of two;
+                                            default 256; the tile's 128 tokens bound it from below): small
+                                            batches' short contexts in more, shorter splits (H100 2026-12-06,
+                                            128: W1 Qwen3-30B-A3B +0.9%, Qwen3-0.6B +1.0%, Llama-3.1-8B -1.7%)
+  MESHSERVE_DECODE_MIN_SPLITS=1|2|4|8       the least KV splits of a context of as many 128-token tiles or more
+                                            where the batch leaves SMs idle (default 2: the short-context
+                                            graph's one split, whose prologue runs apart, becomes two; 1: the
+                                            rule before)
   MESHSERVE_DECODE_BALANCED=N               decode grids of >= 2 (sequence, KV head) programs an SM (any cache,
                                             no sliding window) through the balanced kernel at the grid tile: N
                                             programs an SM over all KV heads, one wave, each streaming an equal
@@ -269,6 +277,9 @@ MLA_LEGACY_ENV = "MESHSERVE_MLA_LEGACY"
 MLA_DECODE_TILE_ENV = "MESHSERVE_MLA_DECODE_TILE"
 DECODE_GRID_TILE_ENV = "MESHSERVE_DECODE_GRID_TILE"
 DECODE_BALANCED_ENV = "MESHSERVE_DECODE_BALANCED"
+DECODE_SPLIT_TOKENS_ENV = "MESHSERVE_DECODE_SPLIT_TOKENS"
+DECODE_MIN_SPLITS_ENV = "MESHSERVE_DECODE_MIN_SPLITS"
+DECODE_MIN_SPLITS_DEFAULT = 2
 MLA_BALANCED_ENV = "MESHSERVE_MLA_BALANCED"
 MLA_PREFETCH_ENV = "MESHSERVE_MLA_PREFETCH"
 MLA_TRANSPOSED_ENV = "MESHSERVE_MLA_TRANSPOSED"
@@ -340,6 +351,10 @@ class KernelSelection:
     decode_grid_tile_shape: tuple[int, int, int] | None = None  # those grids' tile; None: kernels' GRID_TILE
     # large decode grids through the balanced kernel, this many programs an SM (kernels/triton_decode_balanced.py)
     decode_balanced: int = 0
+    # the decode split heuristic's shortest split in KV tokens (kernels/triton_attention.decode_num_splits)
+    decode_split_tokens: int = 256
+    # ... and its least splits of a context of that many tiles or more in a grid that leaves SMs idle
+    decode_min_splits: int = 1
     # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
     decode_fp8_path: str = "words"
     # decode-only steps: fused_prologue's work inside the decode attention launch (kernels/triton_decode_fused.py)
@@ -495,6 +510,31 @@ def _decode_sample_graph_max_bs() -> int:
     if max_bs < 0:
         raise InvalidArgumentError(f"{DECODE_SAMPLE_GRAPHS_ENV} must be >= 0, got {raw!r}")
     return max_bs
+
+
+def _decode_split_tokens() -> int:
+    """MESHSERVE_DECODE_SPLIT_TOKENS (a power of two, 16-4096), else the heuristic's 256."""
+    raw = os.environ.get(DECODE_SPLIT_TOKENS_ENV, "").strip()
+    if not raw:
+        return KernelSelection.decode_split_tokens
+    try:
+        tokens = int(raw)
+    except ValueError:
+        tokens = 0
+    if not (16 <= tokens <= 4096 and tokens & (tokens - 1) == 0):
+        raise InvalidArgumentError(f"{DECODE_SPLIT_TOKENS_ENV} takes a power of two from 16 to 4096 (KV tokens), "
+                                   f"got {raw!r}")
+    return tokens
+
+
+def _decode_min_splits() -> int:
+    """MESHSERVE_DECODE_MIN_SPLITS (1-8; 1: the split rule before), else DECODE_MIN_SPLITS_DEFAULT."""
+    raw = os.environ.get(DECODE_MIN_SPLITS_ENV, "").strip()
+    if not raw:
+        return DECODE_MIN_SPLITS_DEFAULT
+    if raw not in ("1", "2", "4", "8"):
+        raise InvalidArgumentError(f"{DECODE_MIN_SPLITS_ENV} takes 1, 2, 4 or 8, got {raw!r}")
+    return int(raw)
 
 
 def _mla_decode_tile() -> tuple[int, int, int] | None:
@@ -700,6 +740,9 @@ def select_kernels(config: EngineConfig) -> KernelSelection:
         decode_grid_tile=_variant(DECODE_TILE_ENV, DECODE_TILE_CHOICES, KernelSelection.decode_grid_tile),
         decode_grid_tile_shape=_tile_env(DECODE_GRID_TILE_ENV),
         decode_balanced=_decode_balanced(fp8_cache, on_cuda and attention == "triton", config.device),
+        decode_split_tokens=_decode_split_tokens(),
+        # 2 by default (H100, 2026-12-06: the 256-token graph's one split became two, with the fused prologue)
+        decode_min_splits=_decode_min_splits() if on_cuda and attention == "triton" else 1,
         decode_fp8_path=_variant(DECODE_FP8_PATH_ENV, DECODE_FP8_PATH_CHOICES, KernelSelection.decode_fp8_path),
         # "split" by default (H200, 2026-12-02: W1 +0.9% Qwen3-0.6B, +1.5% Llama-3.1-8B; W2 unchanged, where
         # "1" lost 4.7%): tools/w1_ab_device.sh
@@ -743,7 +786,8 @@ def bind_kernels(model: nn.Module, selection: KernelSelection) -> None:
     pdl.set_policy(selection.pdl_policy)
     backend = make_attention_backend(selection.attention_backend, selection.decode_inline_reduce,
                                      selection.decode_grid_tile, selection.decode_fp8_path,
-                                     selection.decode_grid_tile_shape, selection.decode_balanced)
+                                     selection.decode_grid_tile_shape, selection.decode_balanced,
+                                     selection.decode_split_tokens, selection.decode_min_splits)
     for module in model.modules():
         if isinstance(module, Attention):
             module.backend = backend

@@ -274,6 +274,12 @@ def test_decode_num_splits_heuristic():
     for b in (1, 3, 8, 64):
         n = decode_num_splits(b, 2, 5000, 64, 132)
         assert n & (n - 1) == 0
+    # min_splits: a context of two tiles or more in a grid that leaves SMs idle takes at least two splits (one
+    # tile each at least); one tile, a full grid or a longer context as before
+    assert [decode_num_splits(1, 4, n, 128, 132, min_splits=2) for n in (100, 128, 129, 256, 1024)] == [1, 1, 2, 2, 4]
+    assert decode_num_splits(1, 4, 256, 128, 132) == 1
+    assert decode_num_splits(64, 4, 256, 128, 132, min_splits=2) == 1
+    assert decode_num_splits(1, 4, 1024, 128, 132, min_splits=8) == 8
 
 
 def test_decode_tile_takes_small_ctas_on_grids_of_two_waves():

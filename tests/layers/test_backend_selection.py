@@ -36,6 +36,8 @@ def _no_overrides(monkeypatch):
     monkeypatch.delenv("MESHSERVE_DECODE_FP8_PATH", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_GRID_TILE", raising=False)
     monkeypatch.delenv("MESHSERVE_DECODE_BALANCED", raising=False)
+    monkeypatch.delenv("MESHSERVE_DECODE_SPLIT_TOKENS", raising=False)
+    monkeypatch.delenv("MESHSERVE_DECODE_MIN_SPLITS", raising=False)
     for name in ("MESHSERVE_FP8_GEMV", "MESHSERVE_FP8_GEMM", "MESHSERVE_DECODE_GEMM", "MESHSERVE_INT4_GEMV", "MESHSERVE_SKINNY_GEMV", "MESHSERVE_MOE_CONFIGS",
                  "MESHSERVE_MOE_ROUTE_ALIGN", "MESHSERVE_MOE_FUSE_SHARED", "MESHSERVE_MOE_ROUTER_FUSED"):
         monkeypatch.delenv(name, raising=False)
@@ -323,6 +325,37 @@ def test_decode_balanced_switch_reaches_the_attention_backend(monkeypatch):
         monkeypatch.setenv("MESHSERVE_DECODE_BALANCED", bad)
         with pytest.raises(InvalidArgumentError, match="MESHSERVE_DECODE_BALANCED takes programs an SM"):
             select_kernels(gpu)
+
+
+def test_decode_split_switches_reach_the_attention_backend(monkeypatch):
+    # the least splits of a short context: 2 by default on the GPU's Triton attention (1 off it: the plain
+    # selection), 1 on request (the rule before); the shortest split 256 unless asked; both bound to every layer's
+    # Triton backend, which passes them to the split rule; bad values are one line
+    gpu = _config(device="cuda", dtype="bfloat16")
+    selection = select_kernels(gpu)
+    assert (selection.decode_min_splits, selection.decode_split_tokens) == (2, 256)
+    assert select_kernels(_config(device="cpu", dtype="float32")).decode_min_splits == 1
+    monkeypatch.setenv("MESHSERVE_DECODE_MIN_SPLITS", "1")
+    monkeypatch.setenv("MESHSERVE_DECODE_SPLIT_TOKENS", "128")
+    selection = select_kernels(gpu)
+    assert (selection.decode_min_splits, selection.decode_split_tokens) == (1, 128)
+    layer = Attention(num_heads=4, head_dim=16, num_kv_heads=2, scale=0.25)
+    bind_kernels(torch.nn.Sequential(layer), dataclasses.replace(selection, attention_backend="triton",
+                                                                 decode_min_splits=2))
+    assert (layer.backend.min_splits, layer.backend.split_tokens) == (2, 128)
+    cpu = torch.device("cpu")
+    # one sequence of 4 KV heads at a 256-token bound: one split by the old rule, two by min_splits 2
+    assert layer.backend.decode_splits(1, 4, 128, torch.bfloat16, 256, cpu) == 2
+    layer.backend.min_splits = 1
+    assert layer.backend.decode_splits(1, 4, 128, torch.bfloat16, 256, cpu) == 2  # 128-token splits asked for
+    layer.backend.split_tokens = 256
+    assert layer.backend.decode_splits(1, 4, 128, torch.bfloat16, 256, cpu) == 1
+    for name, bad in (("MESHSERVE_DECODE_MIN_SPLITS", "3"), ("MESHSERVE_DECODE_SPLIT_TOKENS", "100"),
+                      ("MESHSERVE_DECODE_SPLIT_TOKENS", "x")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(InvalidArgumentError, match=name):
+            select_kernels(gpu)
+        monkeypatch.delenv(name)
 
 
 def test_fp8_gemm_switch(monkeypatch):

@@ -83,7 +83,8 @@ def simulate(config: SimConfig, trace: Trace | list[SimRequest], *, weights: Ste
     fit = config.calibration_section
     cost = StepCost(model, gpu, config.tp, weights or load_calibration(fit), weight_dtype=config.weights_dtype(model),
                     kv_dtype=config.kv_dtype, tp_costs=tp_costs or load_tp_costs(fit), fused_norm=config.tp_fused_norm,
-                    ep=config.layout.ep, moe_costs=load_moe_costs(fit), mla_costs=load_mla_costs(fit),
+                    ep=config.layout.ep, moe_costs=load_moe_costs(fit) if model.is_moe else None,
+                    mla_costs=load_mla_costs(fit) if model.is_mla else None,
                     eager=None if config.pp > 1 else load_eager_costs(fit) if eager == "calibration" else eager)
     noise = load_step_noise(fit) if config.step_noise else None
     stalls = config.frontend_stall_table

@@ -291,11 +291,11 @@ class StepCost:
         params = bf16_bytes / 2  # the FLOPs follow the parameters, not the bytes they are stored in
         weight_bytes = dtype_time.weight_bytes(weight_dtype, bf16_bytes, weight_bytes)
         kv_bytes = dtype_time.kv_bytes_per_token(kv_dtype, wide.kv_bytes_per_token, shard.kv_bytes_per_token)
-        # the MoE / MLA layers' own costs (None: calibration.toml's top-level tables, the build now)
-        self.moe_costs = moe_costs or load_moe_costs()
-        self.mla_costs = mla_costs or load_mla_costs()
-        mla = self.mla_costs if model.is_mla else MlaCosts()
-        moe_costs = self.moe_costs if model.is_moe else MoeCosts()
+        # the MoE / MLA layers' own costs (None: calibration.toml's top-level tables, the build now; a model
+        # without such layers: none)
+        self.moe_costs = (moe_costs or load_moe_costs()) if model.is_moe else MoeCosts()
+        self.mla_costs = (mla_costs or load_mla_costs()) if model.is_mla else MlaCosts()
+        mla, moe_costs = self.mla_costs, self.moe_costs
         kv_bytes *= mla.kv_time  # the latent cache's decode kernel reads slower than GQA's (calibration.toml [mla])
         moe = {}
         if model.is_moe:  # a step reads the experts its tokens route to; a token multiplies by its top-k

@@ -339,8 +339,10 @@ class StepCost:
         # shrink with it (an assumption: no TP run has measured it)
         self._seq_s = self.weights.seq_us * 1e-6
         # a one-token step's dense term at its own factor (StepWeights.one_row_dense_factor), as the difference
-        # from the shared factor's: one more term of extra_s, so every path that prices a step sees it
-        one_row = self.weights.one_row_dense_factor
+        # from the shared factor's: one more term of extra_s, so every path that prices a step sees it. A dense
+        # model's only: the factor is the dense GEMVs' rate (fit_one_row, on the 8B's W1); a MoE or MLA model's
+        # one-token step runs other kernels, priced by its own [moe] / [mla] costs (fit_layer_cost)
+        one_row = None if model.is_moe or model.is_mla else self.weights.one_row_dense_factor
         self._one_row_s = 0.0 if one_row is None else (one_row - self.weights.dense_factor) * self.model.dense_s(1)
 
     def comm_s(self, num_tokens: int) -> float:

@@ -463,6 +463,11 @@ def test_a_one_row_dense_factor_prices_one_token_steps_alone():
     assert a0 - a == pytest.approx(saved, rel=1e-9) and b == b0
     assert with_.decode_line(8, 800) == without.decode_line(8, 800)
     assert StepCost(model, gpu, weights=with_.weights, pp=2, stage=1).weights.one_row_dense_factor == 1.2
+    # the dense GEMVs' factor: a MoE or MLA model's one-token step keeps its own costs ([moe] / [mla])
+    for name in ("qwen3-30b-a3b", "deepseek-v2-lite"):
+        other = load_model(name)
+        one = StepShape(1, 1, 300)
+        assert StepCost(other, gpu, weights=with_.weights)(one) == StepCost(other, gpu, weights=base)(one)
 
 
 def test_fit_one_row_makes_a_w1_step_last_what_w1_measured():

@@ -40,7 +40,9 @@ def test_a_dummy_preset_without_a_tokenizer_is_one_line_error_before_loading(cap
 
 
 def test_bad_sampling_flag_is_one_line_error(tiny_model_dir, capsys):
-    rc = main(["generate", "--model", tiny_model_dir("llama"), "--top-p", "2", "x"])
+    model = tiny_model_dir("llama")
+    capsys.readouterr()  # the fixture's own output where it writes the checkpoint (run alone: a progress bar)
+    rc = main(["generate", "--model", model, "--top-p", "2", "x"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "top_p" in err and "\n" not in err
 
@@ -49,7 +51,9 @@ def test_bad_sampling_flag_is_one_line_error(tiny_model_dir, capsys):
 def test_a_bad_kernel_switch_is_one_line_error(env, value, tiny_model_dir, monkeypatch, capsys):
     # the environment's kernel switches are checked when the engine selects its kernels, at start
     monkeypatch.setenv(env, value)
-    rc = main(["generate", "--model", tiny_model_dir("llama"), "--max-tokens", "2", "x"])
+    model = tiny_model_dir("llama")
+    capsys.readouterr()  # (as above)
+    rc = main(["generate", "--model", model, "--max-tokens", "2", "x"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("meshserve: error: ") and value in err and "\n" not in err
 

@@ -41,10 +41,14 @@ NO_HOST = PipelineHost()  # the stages alone (the planner's formula before the h
 
 @cache
 def fitted_host() -> PipelineHost:
-    """The simulator's default calibration's pipeline.host_step_ms and round_trip_ms (no hand-off)."""
+    """The simulator's default calibration's pipeline.host_step_ms and round_trip_ms (no hand-off), from the fit
+    its `carries` key names where it has no table of its own (as simulator/step_cost.calibration_entry reads it)."""
     sections = tomllib.loads(SIMULATOR_CALIBRATION.read_text())
     entry = sections["default"]
-    table = (sections[entry] if isinstance(entry, str) else entry).get("pipeline", {})
+    entry = sections[entry] if isinstance(entry, str) else entry
+    while "pipeline" not in entry and entry.get("carries"):
+        entry = sections[entry["carries"]]
+    table = entry.get("pipeline", {})
     return PipelineHost(table.get("host_step_ms", 0.0) * 1e-3, table.get("round_trip_ms", 0.0) * 1e-3)
 
 

@@ -68,8 +68,9 @@ def register(subparsers) -> None:
     g.add_argument("--calibration", default=d.calibration,
                    help="step-time weights: a section of meshserve/simulator/calibration.toml (default: the "
                         "GPU's own fit of the model where it has one (H100-SXM: h100_*_curve), else the model's own "
-                        "H200 fit (h200_qwen3_0_6b_balanced for qwen3-0.6b), else h200_mixed_graphs, the 8B with "
-                        "mixed-step CUDA graphs; h200_before_mixed_graphs: the engine before them)")
+                        "H200 fit (h200_qwen3_0_6b_balanced for qwen3-0.6b), else h200_1206, the 8B with mixed-step "
+                        "CUDA graphs (h200_mixed_graphs) and its one-token step at the 2026-12-06 build's W1; "
+                        "h200_before_mixed_graphs: the engine before them)")
     g.add_argument("--step-noise", choices=("on", "off"), default="off",
                    help="on: each step's time strays from the model's as the calibration's step trace did, plus the "
                         "host gap between steps (calibration.toml's step_noise tables, drawn per replica from "

@@ -115,9 +115,15 @@ def test_qwen_balanced_fit_is_the_w3_fit_with_the_kernels_kv_rate_and_prices_w2s
             assert lo < err < hi, (weights, bucket, err)
 
 
-def test_default_is_the_fit_of_the_engine_with_mixed_step_graphs():
-    """"default" is an alias of a section, not a third set of numbers; other names are refused."""
-    assert load_calibration() == load_calibration("default") == load_calibration("h200_mixed_graphs")
+def test_default_is_the_mixed_step_graphs_fit_with_the_builds_one_row_factor():
+    """"default" is an alias of a section, not a third set of numbers: h200_1206, the mixed-step graphs' fit (its
+    four weights and, carried, its tables) with today's build's one-row factor; other names are refused."""
+    from meshserve.simulator.step_cost import calibration_entry
+
+    assert load_calibration() == load_calibration("default") == load_calibration("h200_1206")
+    assert dataclasses.replace(load_calibration(), one_row_dense_factor=None) == load_calibration("h200_mixed_graphs")
+    for table in ("tp", "pipeline", "step_noise", "eager"):
+        assert calibration_entry().get(table) == calibration_entry("h200_mixed_graphs").get(table), table
     assert load_calibration() != load_calibration("h200_before_mixed_graphs")
     with pytest.raises(InvalidArgumentError, match="h200_before_mixed_graphs"):
         load_calibration("h100")
@@ -274,9 +280,10 @@ def test_tp2_step_is_the_tp1_terms_halved_plus_the_all_reduces_and_the_layers_fi
     from meshserve.simulator.step_cost import load_tp_costs
 
     model, gpu = load_model("llama-3.1-8b"), get_gpu("H200")
-    w, tpc = load_calibration(), load_tp_costs()
+    # the mixed-step graphs' fit (the default's without its one-row factor: this is TP's closed form)
+    w, tpc = load_calibration("h200_mixed_graphs"), load_tp_costs()
     assert (tpc.layer_us, tpc.layer_seq_us) == (15.9, 0.82)
-    tp1, tp2 = StepCost(model, gpu), StepCost(model, gpu, tp=2)
+    tp1, tp2 = StepCost(model, gpu, weights=w), StepCost(model, gpu, tp=2, weights=w)
     for n, context in ((1, 129), (64, 64 * 700), (256, 256 * 1100)):
         weights_ms = 1e3 * tp1.model.weight_bytes / 4.8e12  # one GPU reads all 16 GB
         flops_ms = 1e3 * 2 * tp1.model.params * n / 989e12

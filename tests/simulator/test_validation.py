@@ -44,7 +44,7 @@ def test_the_default_fit_replays_the_mixed_graphs_run_below_the_knee():
     from meshserve.simulator.validation import frontend_latency_from
 
     run = next(r for r in W3_H200_RUNS if r.file == "w3_8b_slo_graphs1024.json")
-    assert run.calibration == "default"
+    assert run.calibration == "h200_mixed_graphs"
     measured = measured_points(run)
     latency = frontend_latency_from(32.0, measured[32.0]["ttft_p50"], run, FRONTEND_H200)
     for qps in (32.0, 48.0):
@@ -79,7 +79,8 @@ def replay_offline_w1_8b_tp2(tp_costs, new_tokens: int) -> float:
     from meshserve.simulator.trace import SimRequest
     from meshserve.simulator.validation_offline import _decode_tok_s
 
-    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=2, tp=2, max_model_len=4096, max_num_seqs=256)
+    config = SimConfig(model="llama-3.1-8b", gpu="H200", num_gpus=2, tp=2, max_model_len=4096, max_num_seqs=256,
+                       calibration="h200_mixed_graphs")  # the tenth session's build
     return _decode_tok_s(simulate(config, [SimRequest(0.0, 128, new_tokens)], tp_costs=tp_costs), 1, new_tokens)
 
 

@@ -21,8 +21,8 @@ from meshserve.simulator.step_cost import (
 from meshserve.simulator.trace import SimRequest
 from meshserve.simulator.validation import (
     BEFORE_GRAPHS,
-    MIXED_GRAPHS,
     GOALS,
+    MIXED_GRAPHS,
     RESULTS,
     TENTH_LATENCY_OF,
     _met,

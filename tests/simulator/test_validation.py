@@ -38,7 +38,7 @@ def test_w3_qps96_with_targets_collapses_as_measured_with_the_front_end_queue():
 
 @pytest.mark.skipif(not (RESULTS / "w3_8b_slo_graphs1024.json").is_file(), reason="measured results not in this checkout")
 def test_the_default_fit_replays_the_mixed_graphs_run_below_the_knee():
-    """The run whose step trace is the default fit: goodput and TPOT p50 at QPS 32 and 48 within the issue's 10%
+    """The run whose step trace is the mixed-step graphs' fit (the default until 2026-12-06, which it replays with): goodput and TPOT p50 at QPS 32 and 48 within the issue's 10%
     (PLANNER.md: -0..-1%), with its fixed front-end latency fitted at 32 as the table does."""
     from meshserve.simulator.frontend import FRONTEND_H200
     from meshserve.simulator.validation import frontend_latency_from

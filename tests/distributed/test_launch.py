@@ -162,15 +162,20 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 @linux_only
 def test_killed_worker_stops_the_run_naming_the_rank(tiny_model_dir):
     path = tiny_model_dir("llama")
+    # (faulthandler: a run that does not stop is sent SIGABRT below, so its threads' stacks say where it waits)
     proc, err = _generate("--model", path, "-tp", "2", "--no-chat", "--ignore-eos", "--max-tokens", "400",
-                          "--distributed-timeout-s", "20", *PROMPTS)
+                          "--distributed-timeout-s", "20", *PROMPTS, env={"PYTHONFAULTHANDLER": "1"})
     try:
         workers = _wait_for_workers(proc, 1)
         everything = _children(proc.pid) + started_by(proc.pid)  # helpers too: the forkserver
         assert err.wait_for(READY, READY_S), err.text()  # loaded; generation starts now
         os.kill(workers[0], signal.SIGKILL)
         start = time.monotonic()
-        rc = proc.wait(timeout=60)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail(f"rank 0 did not stop within 60 s of rank 1's death; its stderr:\n{err.text()}")
         elapsed = time.monotonic() - start
         text = err.text()
         assert rc != 0

@@ -124,6 +124,11 @@ def config_from_name(name: str) -> AttentionTileConfig:
     )
 
 
+# the shortest KV split the decode split rule makes (triton_attention.decode_num_splits; MESHSERVE_DECODE_SPLIT_TOKENS
+# for A/Bs); the decode tile's block_n bounds it from below. Here, Triton-free, for the kernel selection's default.
+DECODE_SPLIT_TOKENS = 256
+
+
 def env_tile_config() -> AttentionTileConfig | None:
     """MESHSERVE_UNIFIED_TILE=<name>: the unified kernel's tiling for an A/B run of a whole step
     (tools/mixed_graph_bench.py), e.g. grid_bq32_bn64_w8_s3_allmask for the launch before the persistent one."""

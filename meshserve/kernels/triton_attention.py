@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 
 from meshserve.kernels.attention_tile_config import (
+    DECODE_SPLIT_TOKENS,
     LONG_PREFILL_TOKENS,
     AttentionTileConfig,
     clamp_block_q,
@@ -500,11 +501,6 @@ def _prefill_config(head_dim_pad: int, group_pad: int, max_query_len: int) -> tu
     BLOCK_Q * group_pad is at least 16 (tl.dot) and at most 128; short query chunks get a smaller tile."""
     cfg = default_tile_config(head_dim_pad, group_pad, max_query_len)
     return cfg.block_q, cfg.block_n, cfg.num_warps
-
-
-# the shortest KV split decode_num_splits makes (MESHSERVE_DECODE_SPLIT_TOKENS for A/Bs); the decode tile's
-# block_n bounds it from below
-DECODE_SPLIT_TOKENS = 256
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,

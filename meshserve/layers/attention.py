@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from meshserve.kernels.attention_metadata import AttentionMetadata
+from meshserve.kernels.attention_tile_config import DECODE_SPLIT_TOKENS
 
 
 class AttentionBackend(Protocol):
@@ -55,7 +56,7 @@ class TorchAttentionBackend:
 def make_attention_backend(name: str, decode_inline_reduce: bool = False,
                            decode_grid_tile: str = "auto", decode_fp8_path: str = "words",
                            decode_grid_tile_shape: tuple[int, int, int] | None = None,
-                           decode_balanced: int = 0, decode_split_tokens: int = 256,
+                           decode_balanced: int = 0, decode_split_tokens: int = DECODE_SPLIT_TOKENS,
                            decode_min_splits: int = 1) -> AttentionBackend:
     """The backend called `name` (torch or triton); layers/backend_selection.py decides which (and whether the
     Triton decode reduces its splits inline, which caches' large decode grids take smaller CTAs and how it reads an

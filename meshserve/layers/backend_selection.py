@@ -238,6 +238,7 @@ from torch import nn
 from meshserve.config import EngineConfig
 from meshserve.errors import InvalidArgumentError
 from meshserve.kernels import kv_layout, parallel_compile, pdl
+from meshserve.kernels.attention_tile_config import DECODE_SPLIT_TOKENS
 from meshserve.kernels.fused import fused_ops_importable, gemv_importable
 from meshserve.kernels.mla_decode_choice import DECODE_KERNELS as MLA_DECODE_KERNELS
 from meshserve.kernels.moe_configs import TABLES as MOE_CONFIG_TABLES
@@ -352,7 +353,7 @@ class KernelSelection:
     # large decode grids through the balanced kernel, this many programs an SM (kernels/triton_decode_balanced.py)
     decode_balanced: int = 0
     # the decode split heuristic's shortest split in KV tokens (kernels/triton_attention.decode_num_splits)
-    decode_split_tokens: int = 256
+    decode_split_tokens: int = DECODE_SPLIT_TOKENS
     # ... and its least splits of a context of that many tiles or more in a grid that leaves SMs idle
     decode_min_splits: int = 1
     # how decode attention reads an fp8 KV cache (DECODE_FP8_PATH_CHOICES)
@@ -513,7 +514,7 @@ def _decode_sample_graph_max_bs() -> int:
 
 
 def _decode_split_tokens() -> int:
-    """MESHSERVE_DECODE_SPLIT_TOKENS (a power of two, 16-4096), else the heuristic's 256."""
+    """MESHSERVE_DECODE_SPLIT_TOKENS (a power of two, 16-4096), else the rule's DECODE_SPLIT_TOKENS."""
     raw = os.environ.get(DECODE_SPLIT_TOKENS_ENV, "").strip()
     if not raw:
         return KernelSelection.decode_split_tokens

@@ -27,6 +27,13 @@ from meshserve.simulator.trace import w3_trace
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
+BEFORE_GRAPHS = "h200_before_mixed_graphs"
+# The 8B's fit of the builds from mixed-step graphs (b4a006d) to 2026-12-05, the default then: every run of those
+# builds is replayed with it (the default since, h200_1206, prices the one-token step at the later build's GEMV
+# rate, which those builds did not have)
+MIXED_GRAPHS = "h200_mixed_graphs"
+
+
 @dataclass(frozen=True)
 class MeasuredRun:
     """A measured W3 sweep and the server settings it ran with."""
@@ -34,7 +41,7 @@ class MeasuredRun:
     label: str
     file: str
     slo: bool  # --slo-ttft-ms 1000 --slo-tpot-ms 50
-    calibration: str = "h200_mixed_graphs"  # the calibration.toml fit of the engine that ran it (MIXED_GRAPHS)
+    calibration: str = MIXED_GRAPHS  # the calibration.toml fit of the engine that ran it
     api_server_count: int = 1  # `meshserve serve --api-server-count`
     # the API process's gate (1aa067c; frontend.py): in every build since, so not in the runs before it
     frontend_gate: bool = True
@@ -42,11 +49,6 @@ class MeasuredRun:
     latency_of: str | None = None
 
 
-BEFORE_GRAPHS = "h200_before_mixed_graphs"
-# The 8B's fit of the builds from mixed-step graphs (b4a006d) to 2026-12-05, the default then: every run of those
-# builds is replayed with it (the default since, h200_1206, prices the one-token step at the later build's GEMV
-# rate, which those builds did not have)
-MIXED_GRAPHS = "h200_mixed_graphs"
 # No targets: issue 17's "after" run; targets: issue 18's credit policy (whose step trace is BEFORE_GRAPHS' fit),
 # with QPS 32 from the first-policy run (a policy that does not bind at 32): engines before mixed-step graphs.
 # Then one session of the credit policy (commit 163ec22) with mixed steps eager (--max-cudagraph-tokens 0: the

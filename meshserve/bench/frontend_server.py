@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="the served model (config only: the core is fake; default: the "
                                                 "embedded model), e.g. a preset with --tokenizer where the "
                                                 "embedded model is not installed")
-    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tokenizer", default=None, help="the served tokenizer (a folder or file; with --real-core too)")
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--max-queue-len", type=int, default=1 << 20)
     p.add_argument("--no-gc-freeze", action="store_true", help="leave the start-up heap to the collector (A/B)")
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="... plus this per new token ...")
     real.add_argument("--device-us-per-context-token", type=float, default=H200_QWEN3_06B_US_PER_CONTEXT_TOKEN,
                       help="... plus this per KV token read (defaults: W3 on an H200, Qwen3-0.6B)")
+    real.add_argument("--prior-gpu", default=None, metavar="GPU",
+                      help="the step-time model's prior as the whole preset's on this GPU of the planner's catalog "
+                           "(e.g. H200; default: the CPU's, which prices a step far above an --slo-tpot-ms target)")
     real.add_argument("--core-timing", default=None, metavar="PATH",
                       help="the core thread's CPU time per loop iteration, written here on shutdown")
     return p
@@ -64,7 +67,7 @@ def _real_core(ns):
     from meshserve.bench.real_core import EmulatedDevice, real_core_factory
     from meshserve.config import EngineArgs
 
-    extra = {k: v for k, v in (("slo_prefill_chunk", ns.slo_prefill_chunk),
+    extra = {k: v for k, v in (("slo_prefill_chunk", ns.slo_prefill_chunk), ("tokenizer", ns.tokenizer),
                                ("max_num_batched_tokens", ns.max_num_batched_tokens)) if v is not None}
     args = EngineArgs(model=ns.real_core, load_format="dummy", hf_overrides={"num_hidden_layers": ns.real_core_layers},
                       device="cpu", max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
@@ -72,11 +75,20 @@ def _real_core(ns):
                       num_gpu_blocks_override=ns.num_blocks, **extra)
     device = EmulatedDevice(ns.device_base_ms / 1e3, ns.device_us_per_token / 1e6,
                             ns.device_us_per_context_token / 1e6)
-    return args, real_core_factory(device, ns.core_timing)
+    return args, real_core_factory(device, ns.core_timing, ns.prior_gpu)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.prior_gpu:
+        from meshserve.errors import InvalidArgumentError
+        from meshserve.planner.hardware import get_gpu
+
+        try:
+            get_gpu(ns.prior_gpu)
+        except InvalidArgumentError as e:
+            parser.error(str(e))
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("meshserve").setLevel(logging.WARNING)
     from meshserve.bench.fake_core import fake_core_factory

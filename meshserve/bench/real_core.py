@@ -27,6 +27,11 @@ from meshserve.engine.step_time import StepShape
 H200_QWEN3_06B_BASE_MS = 1.127
 H200_QWEN3_06B_US_PER_TOKEN = 2.70
 H200_QWEN3_06B_US_PER_CONTEXT_TOKEN = 0.0342
+# W3 on an H200 (Llama-3.1-8B, targets, QPS 32/64/128), the same fit: benchmarks/results/h200_1206_s53/router_host/
+# w3_direct/steps.jsonl.gz (5,746 steps, mean error 3.6%; tools/router_dp_emulated.sh's default device)
+H200_LLAMA_8B_BASE_MS = 4.205
+H200_LLAMA_8B_US_PER_TOKEN = 19.99
+H200_LLAMA_8B_US_PER_CONTEXT_TOKEN = 0.0355
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,24 @@ def emulate_device(runner, device: EmulatedDevice) -> None:
     runner.launch = emulated_launch
 
 
-def _build_real_core(args: EngineArgs, device: EmulatedDevice, timing_path: str | None):
+def emulated_prior(core, preset: str, gpu: str) -> None:
+    """The core's step-time model as a GPU's engine starts it: the whole preset's weight and KV bytes (the core
+    runs --real-core-layers of it on the CPU) at `gpu`'s data-sheet rates (planner catalog). Without it the prior
+    prices a step at the CPU's rates (50 GB/s: ~130 ms for one layer of an 8B and its fp32 embedding and head),
+    and SLO admission refuses every request of a --slo-tpot-ms run until the fit has seen steps it never runs."""
+    from meshserve.engine.step_time import DeviceRates, StepTimeModel
+    from meshserve.planner.hardware import get_gpu
+    from meshserve.planner.memory import kv_bytes_per_token, weight_bytes
+    from meshserve.planner.model import load_model
+
+    model, spec = load_model(preset), get_gpu(gpu)
+    core.step_model = StepTimeModel(
+        weight_bytes=weight_bytes(model) * model.active_params / model.total_params, params=model.active_params,
+        kv_bytes_per_token=kv_bytes_per_token(model), rates=DeviceRates(spec.hbm_bytes_per_s, spec.flops_per_s("bf16")))
+    core.scheduler.policy.step_model = core.step_model
+
+
+def _build_real_core(args: EngineArgs, device: EmulatedDevice, timing_path: str | None, prior_gpu: str | None = None):
     from meshserve.bench.host_overhead import remove_model
     from meshserve.engine.core import EngineCore
     from meshserve.engine.core_timing import CoreTiming
@@ -80,11 +102,14 @@ def _build_real_core(args: EngineArgs, device: EmulatedDevice, timing_path: str 
     core = EngineCore.from_engine_args(args)
     remove_model(core.runner)
     emulate_device(core.runner, device)
+    if prior_gpu:
+        emulated_prior(core, args.model, prior_gpu)
     if timing_path:
         CoreTiming(core, timing_path)
     return core
 
 
-def real_core_factory(device: EmulatedDevice, timing_path: str | None = None) -> partial:
-    """A picklable core factory for CoreProcess (it runs in the spawned core process)."""
-    return partial(_build_real_core, device=device, timing_path=timing_path)
+def real_core_factory(device: EmulatedDevice, timing_path: str | None = None, prior_gpu: str | None = None) -> partial:
+    """A picklable core factory for CoreProcess (it runs in the spawned core process); prior_gpu: emulated_prior's
+    GPU (None: the step-time model's prior for the CPU)."""
+    return partial(_build_real_core, device=device, timing_path=timing_path, prior_gpu=prior_gpu)

@@ -159,9 +159,10 @@ def register(subparsers) -> None:
                         "(default): the router is a policy only, as `serve --data-parallel-size N` with its "
                         "internal back end (no router hop)")
     g.add_argument("--router-calibration", default="default",
-                   help="a section of meshserve/simulator/router_calibration.toml (default: h200_host, the "
-                        "router measured with `meshserve bench frontend --through-router` on an H200 machine's "
-                        "CPU; cpu_light / cpu_loaded: an older router on a 2-core CPU box)")
+                   help="a section of meshserve/simulator/router_calibration.toml (default: h200_host_1206, "
+                        "the router that ships, measured with `meshserve bench frontend --through-router` on an "
+                        "H200 machine's CPU; h200_host: the same two days earlier; cpu_light / cpu_loaded: an "
+                        "older router on a 2-core CPU box)")
     g.add_argument("--router-request-ms", type=float, default=None, help="override: router CPU per request")
     g.add_argument("--router-event-us", type=float, default=None, help="override: router CPU per streamed event")
     g.add_argument("--router-refusal-ms", type=float, default=None,

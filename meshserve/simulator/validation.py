@@ -337,7 +337,7 @@ def tenth_dp_rows(frontend_latency_s: float | None = None) -> list[dict]:
 
 
 # python -m meshserve.simulator.validation [cli | w3 | w3-noise | dp | offline | pp | tenth | w2-one-gpu | moe | faults |
-#                                          extrapolate | fit-tp | fit-pp-host]
+#                                          dp-router | extrapolate | fit-tp | fit-pp-host]
 if __name__ == "__main__":
     from meshserve.simulator.validation_extrapolate import extrapolations
     from meshserve.simulator.validation_offline import (
@@ -352,7 +352,7 @@ if __name__ == "__main__":
     )
 
     TABLES = ("all", "fit-tp", "fit-pp-host", "dp", "cli", "w3", "w3-noise", "offline", "pp", "tenth", "w2-one-gpu",
-              "moe", "faults", "extrapolate")
+              "moe", "faults", "dp-router", "extrapolate")
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if len(sys.argv) > 2 or what not in TABLES:
         from meshserve.simulator.script_main import fail
@@ -401,6 +401,11 @@ if __name__ == "__main__":
         faults_main([])
         cycles_main([])
         hang_overload_main([])
+        print()
+    if what in ("dp-router", "all"):  # DP=2 through the router that ships, devices emulated (validation_dp_router)
+        from meshserve.simulator.validation_dp_router import stored_table
+
+        print(stored_table())
         print()
     if what in ("extrapolate", "all"):
         print(extrapolations())

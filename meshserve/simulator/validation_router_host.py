@@ -54,16 +54,17 @@ ARCHIVE = "router_host.tgz"
 
 # -- reading a results folder --------------------------------------------------------------------------------
 class Results:
-    """The files of a results folder: DIR/PATH, or PATH inside DIR/router_host.tgz when not unpacked."""
+    """The files of a results folder: DIR/PATH, or PATH inside DIR/`archive` when its `unpacked` folder is not
+    there (router_host.tgz and router_rows/ here; validation_dp_router's own)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, archive: str = ARCHIVE, unpacked: str = "router_rows"):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise SystemExit(f"{folder}: not a folder")
         self._members: dict[str, bytes] | None = None  # the archive's files, read once (a few MB)
-        archive = self.folder / ARCHIVE
-        if not (self.folder / "router_rows").is_dir() and archive.is_file():
-            with tarfile.open(archive) as tar:
+        archive_path = self.folder / archive
+        if not (self.folder / unpacked).is_dir() and archive_path.is_file():
+            with tarfile.open(archive_path) as tar:
                 self._members = {m.name.removeprefix("./"): tar.extractfile(m).read()
                                  for m in tar.getmembers() if m.isfile()}
 

@@ -109,3 +109,37 @@ def test_real_core_server_serves_through_the_real_scheduler(tmp_path):
     assert steps[-1]["t"] - steps[0]["t"] >= 0.02 * (len(steps) - 1) - 0.002
     rows = _read_jsonl(timing)
     assert len(rows) >= len(steps) - 1 and all(r["step_cpu_s"] <= r["iter_cpu_s"] for r in rows)
+
+
+def test_the_prior_can_be_a_gpus(tmp_path):
+    """--prior-gpu: the step-time model starts as the whole preset's on that GPU (its data sheet), not as the
+    one-layer model's at the CPU's rates (50 GB/s: ~130 ms a step for an 8B's one layer and its fp32 embedding and
+    head, which a 50 ms TPOT target refuses)."""
+    from meshserve.engine.step_time import StepTimeModel
+    from meshserve.planner.hardware import get_gpu
+    from meshserve.planner.memory import kv_bytes_per_token, weight_bytes
+    from meshserve.planner.model import load_model
+
+    engine = _engine(EmulatedDevice(0.004), str(tmp_path / "steps.jsonl"))
+    core = engine.core
+    shape = StepShape(num_tokens=1, num_seqs=1, context_tokens=1_000)
+    try:
+        cpu_prior = core.step_model.predict(shape)
+        real_core.emulated_prior(core, "smollm2-135m", "H200")
+        model, gpu = load_model("smollm2-135m"), get_gpu("H200")
+        # the prior: 1 ms + the step's weight and KV bytes at the data sheet's bandwidth, at 80% of it
+        expected = 1e-3 + (weight_bytes(model) + 1_000 * kv_bytes_per_token(model)) / gpu.hbm_bytes_per_s / 0.8
+        assert isinstance(core.step_model, StepTimeModel)
+        assert core.step_model.predict(shape) == pytest.approx(expected, rel=1e-6)
+        assert core.scheduler.policy.step_model is core.step_model  # what SLO admission predicts with
+        assert cpu_prior > 2 * expected  # the CPU's rates
+    finally:
+        core.shutdown()
+
+
+def test_a_prior_gpu_not_in_the_catalog_is_one_line(capsys):
+    from meshserve.bench import frontend_server
+
+    with pytest.raises(SystemExit) as e:
+        frontend_server.main(["--real-core", "smollm2-135m", "--prior-gpu", "H900"])
+    assert e.value.code == 2 and "unknown GPU 'H900'" in capsys.readouterr().err

@@ -60,19 +60,21 @@ def test_a_late_submission_waits_behind_the_latest_and_keeps_its_work():
 
 
 def test_calibration_file():
-    # the default: the current router with httptools / uvloop on the GPU host; without them (httpx, h11) it costs
-    # ~2.3x an event there
+    # the default: the router that ships, with httptools / uvloop, on the GPU host (2026-12-06); the same host's
+    # fit two days earlier cost 1.5x an event, without httptools and uvloop (httpx, h11) 2.3x that
     host = load_router_costs()
-    assert host == load_router_costs("h200_host")
-    assert host.per_request_s == pytest.approx(1.13e-3) and host.per_event_s == pytest.approx(61e-6)
-    assert load_router_costs("h200_host_httpx").per_event_s > 2 * host.per_event_s
+    assert host == load_router_costs("h200_host_1206")
+    assert host.per_request_s == pytest.approx(0.92e-3) and host.per_event_s == pytest.approx(40e-6)
+    earlier = load_router_costs("h200_host")
+    assert earlier.per_request_s == pytest.approx(1.13e-3) and earlier.per_event_s == pytest.approx(61e-6)
+    assert load_router_costs("h200_host_httpx").per_event_s > 2 * earlier.per_event_s
     light = load_router_costs("cpu_light")
     assert light.per_request_s == pytest.approx(1.6e-3) and light.per_event_s == pytest.approx(102e-6)
     # the report's assumptions name the section and where it was measured (the alias resolved)
     from meshserve.simulator.router_node import router_costs_source
 
     said = router_costs_source()
-    assert said.startswith("[h200_host]: ") and "httptools" in said and "uvloop" in said
+    assert said.startswith("[h200_host_1206]: ") and "httptools" in said and "uvloop" in said
     assert router_costs_source("cpu_light").startswith("[cpu_light]: ") and "AMD EPYC" in router_costs_source("cpu_light")
     assert load_router_costs("cpu_loaded").per_event_s > light.per_event_s
     with pytest.raises(InvalidArgumentError, match="router_calibration.toml has"):

@@ -1,0 +1,28 @@
+# Process control for the device scripts that start servers (sourced: `. "$(dirname "$0")/serve_procs.sh"`): every
+# server in its own process group (setsid), ended by its group id.
+#
+# kill_group PID: SIGTERM to the server (it drains; its engine core follows), up to 25 s for it and 5 s more for
+# the rest of its process group, then SIGKILL to whatever of the group is left (the GPU's memory with it)
+kill_group() {
+  local pid=$1
+  [ -z "$pid" ] && return 0
+  kill -TERM "$pid" 2> /dev/null
+  for _ in $(seq 1 50); do kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
+  kill -KILL "$pid" 2> /dev/null
+  # the group setsid made (its id the server's pid): an engine core left behind
+  for _ in $(seq 1 10); do kill -0 -- "-$pid" 2> /dev/null || return 0; sleep 0.5; done
+  echo "process group $pid still there: SIGKILL"
+  kill -KILL -- "-$pid" 2> /dev/null; sleep 1
+  return 0
+}
+# wait_ready PORT PID LIMIT: /health and /v1/models answer within LIMIT s, and PID is alive
+wait_ready() {
+  local port=$1 pid=$2 limit=$3 t=$SECONDS
+  while (( SECONDS - t < limit )); do
+    kill -0 "$pid" 2> /dev/null || { echo "pid $pid died"; return 1; }
+    curl -sf -m 5 "127.0.0.1:$port/health" > /dev/null && curl -sf -m 5 "127.0.0.1:$port/v1/models" > /dev/null \
+      && return 0
+    sleep 1
+  done
+  echo "port $port not ready after $limit s"; return 1
+}

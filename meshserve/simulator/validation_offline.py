@@ -472,6 +472,8 @@ def tenth_table() -> str:
         p, m, run = r["pred"], r["meas"], f"{r['run']}, QPS {r['qps']:g}"
         busy = "" if r["router_busy"] is None else f"; router busy {r['router_busy']:.0%} (sim)"
         how = f"check; fixed latency {latency * 1e3:.0f} ms ({TENTH_LATENCY_OF}'s)"
+        if r["router_busy"] is not None:  # the router of then: before httptools / uvloop (a54870b)
+            how += "; history: the router before httptools / uvloop (the one that ships: `validation dp-router`)"
         line(run, "goodput req/s", p["goodput"], m["goodput"], "goodput", how + busy, r["file"])
         line(run, "TTFT p50 ms", p["ttft_p50"] * 1e3, m["ttft_p50"] * 1e3, "ttft_p50", how, r["file"], ".0f")
         line(run, "TTFT p99 ms", p["ttft_p99"] * 1e3, m["ttft_p99"] * 1e3, "ttft_p99", how, r["file"], ".0f")

@@ -7,7 +7,8 @@ API process (frontend.py): a request's intake costs per_request_s and the replic
 done (the policy chooses then, on the counts of then); a 429 from a replica costs per_refusal_s, after which
 the request goes to the next replica or its 429 to the client; the tokens of one step of a replica reach the
 router when that replica's API process has streamed them, cost per_event_s each (one event per stream per
-step), and reach the client when done. Below saturation the router adds about one intake to TTFT and one
+step), and leave one after another (a stream's token, in no known place among them, at the job's middle on
+average; until 2026-12-06 all at its end, which charged every token the whole step's relay). Below saturation the router adds about one intake to TTFT and one
 event per token; past it (W3: ~130 events per request, so ~13-17 ms of the router per request) its backlog
 grows without bound, and requests, refusals and tokens all wait behind it: TTFT of seconds and 429s that take
 as long, while the replicas sit partly idle. That is the collapse measured at DP=2 through the router, QPS
@@ -117,6 +118,9 @@ class RouterNode:
         return self._submit(t, self.costs.per_refusal_s)
 
     def relay(self, t: float, num_events: int) -> float:
-        """num_events events (one per stream) reach the router at t: when the clients have them."""
+        """num_events events (one per stream) reach the router at t: when their clients have them, on average.
+        The router sends them one after another, so the k-th of n leaves k events into the job: a stream's token
+        (in no particular place among them) leaves (n + 1) / 2 events in, not when the last one has."""
         self.num_events += num_events
-        return self._submit(t, num_events * self.costs.per_event_s)
+        done = self._submit(t, num_events * self.costs.per_event_s)
+        return done - (num_events - 1) * 0.5 * self.costs.per_event_s

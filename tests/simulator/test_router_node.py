@@ -20,10 +20,11 @@ def _step(shape) -> float:
 
 
 def test_below_saturation_a_job_takes_its_cost():
-    """Jobs further apart than their cost never wait: the router adds exactly its cost."""
+    """Jobs further apart than their cost never wait: the router adds exactly its cost (a relay of 10 events:
+    a stream's event, on average, 5.5 events' cost)."""
     node = RouterNode(RouterCosts(per_request_s=0.002, per_event_s=1e-4, per_refusal_s=5e-4))
     assert node.intake(0.0) == pytest.approx(0.002)
-    assert node.relay(0.01, 10) == pytest.approx(0.011)
+    assert node.relay(0.01, 10) == pytest.approx(0.01 + 5.5e-4)
     assert node.refused(0.02) == pytest.approx(0.0205)
     assert node.busy_s == pytest.approx(0.002 + 0.001 + 0.0005)
     assert (node.num_requests, node.num_events, node.num_refusals) == (1, 10, 1)
@@ -44,18 +45,19 @@ def test_past_saturation_the_backlog_grows_without_bound():
     """Offered 1.25 s of work per second: each second adds 0.25 s to the wait, however long it runs."""
     node = RouterNode(RouterCosts(per_request_s=0.0, per_event_s=1e-3))
     waits = [node.relay(i * 0.008, 10) - i * 0.008 for i in range(1250)]  # 10 ms of work every 8 ms
-    assert waits[0] == pytest.approx(0.01)
-    assert waits[-1] == pytest.approx(0.01 + 1249 * 0.002)
-    assert node.max_backlog_s == pytest.approx(waits[-1])
+    # a token leaves on average 5.5 events into its job (its place among the 10 not known)
+    assert waits[0] == pytest.approx(0.0055)
+    assert waits[-1] == pytest.approx(0.0055 + 1249 * 0.002)
+    assert node.max_backlog_s == pytest.approx(0.01 + 1249 * 0.002)
 
 
 def test_a_late_submission_waits_behind_the_latest_and_keeps_its_work():
     """A replica's laid-out steps may hand in a job older than one already queued: it is queued as of the
     latest job, so no time runs backwards and no work is lost."""
     node = RouterNode(RouterCosts(per_request_s=0.0, per_event_s=1e-3))
-    assert node.relay(1.0, 5) == pytest.approx(1.005)
-    assert node.relay(0.5, 5) == pytest.approx(1.010)
-    assert node.relay(2.0, 1) == pytest.approx(2.001)
+    assert node.relay(1.0, 5) == pytest.approx(1.005 - 0.002)  # the job ends at 1.005, its middle event 2 ms before
+    assert node.relay(0.5, 5) == pytest.approx(1.010 - 0.002)
+    assert node.relay(2.0, 1) == pytest.approx(2.001)  # one event: when it is sent
     assert node.busy_s == pytest.approx(0.011)
 
 

@@ -39,8 +39,9 @@ from meshserve.simulator.trace import w3_trace
 from meshserve.simulator.validation_router_host import Results, cpu_between
 
 ARCHIVE, UNPACKED = "router_dp.tgz", "dp2_router"
-# the fifty-fifth session's run (2026-12-06, the 16-core Xeon host of an H100 lease; no GPU used), under RESULTS
-STORED_RUN = "gpuhost_1206_s55/router_dp"
+# the fifty-fifth session's run and its repeat an hour later (2026-12-06, the 16-core Xeon hosts of two H100
+# leases; no GPU used), under RESULTS
+STORED_RUNS = ("gpuhost_1206_s55/router_dp", "gpuhost_1206_s55/router_dp_repeat")
 GPU = "H200"  # the device the emulation stands for (its prior, the catalog rates the predictor's terms use)
 METRICS = ("goodput", "ttft_p50", "ttft_p99", "tpot_p50")
 
@@ -198,11 +199,11 @@ def summary(results: Results) -> str:
 
 
 def stored_table() -> str:
-    """The table of STORED_RUN (`python -m meshserve.simulator.validation dp-router`)."""
+    """The tables of STORED_RUNS (`python -m meshserve.simulator.validation dp-router`)."""
     from meshserve.simulator.validation import RESULTS
 
-    return ("W3 through the router in front of DP=2, the devices emulated (" + STORED_RUN + "):\n\n"
-            + table(open_results(RESULTS / STORED_RUN)))
+    return "\n\n".join(f"W3 through the router in front of DP=2, the devices emulated ({run}):\n\n"
+                       + table(open_results(RESULTS / run)) for run in STORED_RUNS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,9 @@
 # Env: QPS, QPS_DIRECT, CLIENT_PROCS (4), NUM_BLOCKS (55776: the 8B's KV blocks on an H200), ROUTER_WORKERS (1),
 #   DEVICE ("4.205 19.99 0.0355": ms, us per token, us per context token), PRIOR_GPU (H200), BUDGET (480 s).
 # DRY=1 (the CPU box): 40 prompts a point at QPS 4 (direct) and 4,8 (router), 4,000 blocks, no device_env.sh.
-# Results: $OUT/router_dp.tgz (env.txt; direct/ and dp2_router/ with w3.json, w3.txt, the servers' logs, steps_*.jsonl,
-# proc_cpu_*.jsonl) and $OUT/summary.txt.
+# Results: $OUT/router_dp.tgz (env.txt; direct/ and dp2_router/ with w3.json (w3_QPS.json merged), w3_QPS.txt, the
+# servers' logs, steps_*.jsonl, proc_cpu_*.jsonl, metrics_PORT_QPS.txt: each replica's admission margin after each
+# point) and $OUT/summary.txt.
 set -u -o pipefail
 if [ "${DRY:-0}" = 1 ]; then
   cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -98,23 +99,37 @@ start_replica() {
   REPLICA_PID=$!
   PIDS="$PIDS $REPLICA_PID"
 }
-# w3 DIR URL QPS NAME=PID...: W3 with targets at QPS through URL, each named process's CPU each second
+# w3 DIR URL QPS PORTS NAME=PID...: W3 with targets at each QPS of the list through URL, one `bench serve` a point
+# (w3_QPS.json, merged into w3.json), each named process's CPU each second, and after each point the admission
+# margin of the replicas on PORTS (a comma list; metrics_PORT_QPS.txt: meshserve:admission_margin and its error)
 w3() {
-  local d=$1 url=$2 qps=$3 npts limit
-  shift 3
-  npts=$(echo "$qps" | tr ',' ' ' | wc -w)
-  limit=$(( 50 * npts + 30 )); (( limit > $(left) )) && limit=$(left)
-  if (( limit < 40 )); then say "W3 $d: skipped ($(left) s of the budget left)"; return 1; fi
+  local d=$1 url=$2 qps=$3 ports=$4 limit q port
+  shift 4
   for named in "$@"; do
     python3 tools/proc_cpu.py log "${named#*=}" 1 > "$d/proc_cpu_${named%%=*}.jsonl" 2> /dev/null &
     LOGGERS="$LOGGERS $!"
   done
-  say "W3 $d: QPS $qps via $url (limit $limit s)"
-  timeout "$limit" $MS bench serve --base-url "$url" --qps "$qps" --client-procs "$CLIENT_PROCS" --no-progress \
-    $W3_EXTRA --output-json "$d/w3.json" > "$d/w3.txt" 2>&1
-  say "W3 $d: rc $?"
-  grep -E "^QPS" "$d/w3.txt"
+  for q in ${qps//,/ }; do
+    limit=$(( 60 )); (( limit > $(left) )) && limit=$(left)
+    if (( limit < 40 )); then say "W3 $d QPS $q: skipped ($(left) s of the budget left)"; continue; fi
+    say "W3 $d: QPS $q via $url (limit $limit s)"
+    timeout "$limit" $MS bench serve --base-url "$url" --qps "$q" --client-procs "$CLIENT_PROCS" --no-progress \
+      $W3_EXTRA --output-json "$d/w3_$q.json" > "$d/w3_$q.txt" 2>&1
+    say "W3 $d QPS $q: rc $?"
+    grep -E "^QPS" "$d/w3_$q.txt"
+    for port in ${ports//,/ }; do
+      curl -s -m 10 "127.0.0.1:$port/metrics" | grep -E "^meshserve:admission_margin" > "$d/metrics_${port}_$q.txt"
+    done
+  done
   kill $LOGGERS 2> /dev/null; LOGGERS=""
+  python3 - "$d" << 'PY'
+import glob, json, os, sys
+d = sys.argv[1]
+parts = [json.load(open(f)) for f in glob.glob(os.path.join(d, "w3_*.json"))]
+if parts:
+    merged = dict(parts[0], points=sorted((p for part in parts for p in part["points"]), key=lambda p: p["qps"]))
+    json.dump(merged, open(os.path.join(d, "w3.json"), "w"), indent=1)
+PY
   return 0
 }
 
@@ -124,7 +139,7 @@ wait_ready $PORT_A "$PID_A" $REPLICA_LIMIT || { tail -30 "$W/direct/serve_a.log"
 say "replica a ready"
 
 # -- (1) straight to replica a ----------------------------------------------------------------------------------
-w3 "$W/direct" "http://127.0.0.1:$PORT_A" "$QPS_DIRECT" serve_a=$PID_A
+w3 "$W/direct" "http://127.0.0.1:$PORT_A" "$QPS_DIRECT" $PORT_A serve_a=$PID_A
 cleanup  # a fresh pair for the router's run: the direct run's step-time fit and cache left behind
 
 # -- (2) through the router in front of a and b -----------------------------------------------------------------
@@ -137,7 +152,8 @@ if wait_ready $PORT_A "$PID_A" $REPLICA_LIMIT && wait_ready $PORT_B "$PID_B" $RE
   ROUTER_PID=$!
   if wait_ready $ROUTER_PORT "$ROUTER_PID" 30; then
     sleep 2  # a health round: both replicas admitted
-    w3 "$W/dp2_router" "http://127.0.0.1:$ROUTER_PORT" "$QPS" router=$ROUTER_PID serve_a=$PID_A serve_b=$PID_B
+    w3 "$W/dp2_router" "http://127.0.0.1:$ROUTER_PORT" "$QPS" "$PORT_A,$PORT_B" router=$ROUTER_PID serve_a=$PID_A \
+      serve_b=$PID_B
   else
     tail -20 "$W/dp2_router/router.log"
   fi

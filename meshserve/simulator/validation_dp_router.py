@@ -39,9 +39,10 @@ from meshserve.simulator.trace import w3_trace
 from meshserve.simulator.validation_router_host import Results, cpu_between
 
 ARCHIVE, UNPACKED = "router_dp.tgz", "dp2_router"
-# the fifty-fifth session's run and its repeat an hour later (2026-12-06, the 16-core Xeon hosts of two H100
-# leases; no GPU used), under RESULTS
-STORED_RUNS = ("gpuhost_1206_s55/router_dp", "gpuhost_1206_s55/router_dp_repeat")
+# the fifty-fifth session's run and its two repeats within the hour, the last with the replicas' admission margins
+# (2026-12-06, the 16-core Xeon hosts of three H100 leases; no GPU used), under RESULTS
+STORED_RUNS = ("gpuhost_1206_s55/router_dp", "gpuhost_1206_s55/router_dp_repeat",
+               "gpuhost_1206_s55/router_dp_margins")
 GPU = "H200"  # the device the emulation stands for (its prior, the catalog rates the predictor's terms use)
 METRICS = ("goodput", "ttft_p50", "ttft_p99", "tpot_p50")
 
@@ -113,6 +114,21 @@ def point_busy(results: Results, run: str, point: dict, names: tuple[str, ...]) 
     return out
 
 
+REPLICA_PORTS = (8001, 8002)  # tools/router_dp_emulated.sh's replicas a and b
+
+
+def measured_margins(results: Results, run: str, qps: float) -> list[float]:
+    """Each replica's admission margin after the point (the script's metrics_PORT_QPS.txt; none in runs before
+    it scraped them)."""
+    out = []
+    for port in REPLICA_PORTS:
+        for line in (results.text(f"{run}/metrics_{port}_{qps:g}.txt") or "").splitlines():
+            name, _, value = line.partition(" ")
+            if name.split("{")[0] == "meshserve:admission_margin":
+                out.append(float(value))
+    return out
+
+
 def replay_rows(results: Results) -> list[dict]:
     """The direct run's points (one replica, no router node; its lightest fits the fixed latency) and the router
     run's (two replicas, with the default router costs and without a router node), each replayed."""
@@ -137,7 +153,8 @@ def replay_rows(results: Results) -> list[dict]:
             for setting, costs in settings:
                 pred = replay(point, replicas, device, weights, num_blocks, costs, latency, model)
                 rows.append({"run": label, "qps": float(point["qps"]), "setting": setting, "pred": pred,
-                             "meas": point, "busy": busy, "fitted": point is light})
+                             "meas": point, "busy": busy, "fitted": point is light,
+                             "margins": measured_margins(results, run, float(point["qps"]))})
     for r in rows:
         r.update(latency_s=latency, weights=weights, weights_err=err, steps=steps)
     return rows
@@ -158,8 +175,8 @@ def table(results: Results) -> str:
              f"{w.kv_factor:.3f}, mixed {w.mixed_ms:.3f} ms ({rows[0]['steps']:,} steps, mean error "
              f"{rows[0]['weights_err']:.1%}). Cells simulated / measured.", "",
              "| run (devices emulated) | QPS | router costs | goodput req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
-             "429s | router busy | API processes busy | goals met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "429s | router busy | API processes busy | admission margin | goals met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, m, busy = r["pred"], r["meas"], r["busy"]
         node = p.get("router_node") or {}
@@ -170,11 +187,13 @@ def table(results: Results) -> str:
                + (" + ".join(f"{b:.0%}" for b in api_meas) if api_meas else "-"))
         met = [k for k in METRICS if _met(p[k], m[k], k)]
         mark = " (fixed latency fitted here)" if r["fitted"] else ""
+        margin = " + ".join(f"{v:.2f}" for v in p["slo_scheduling"]["admission_margin"] if v is not None) or "-"
+        margin += " / " + (" + ".join(f"{v:.2f}" for v in r["margins"]) or "-")
         lines.append(f"| {r['run']}{mark} | {r['qps']:g} | {r['setting']} | {_cell(p['goodput'], m['goodput'])} | "
                      f"{_cell(p['ttft_p50'], m['ttft_p50'], 1e3, '.0f')} | "
                      f"{_cell(p['ttft_p99'], m['ttft_p99'], 1e3, '.0f')} | "
                      f"{_cell(p['tpot_p50'], m['tpot_p50'], 1e3)} | {p['failed']} / {_refused(m)} | {router} | "
-                     f"{api} | {', '.join(met) or 'none'} |")
+                     f"{api} | {margin} | {', '.join(met) or 'none'} |")
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@
 # Each replica is the real server and the real EngineCore (scheduler, SLO admission and shedding, step-time model,
 # step trace, runner) with the forward removed and an emulated device (`python -m meshserve.bench.frontend_server
 # --real-core`, bench/real_core.py): a step lasts base + per token x new tokens + per context token x KV tokens,
-# DEVICE's three numbers (default: the line fitted to the 8B's W3 steps on an H200, mean error 3.6%), and the
+# DEVICE's three numbers (default: the least-squares line of the 8B's W3 steps on an H200, 5,746 steps of
+# benchmarks/results/h200_1206_s53/router_host/w3_direct/steps.jsonl.gz, mean error 3.6%), and the
 # step-time model starts from the whole 8B's prior on an H200 (--prior-gpu). What is real: the router (one
 # process, `meshserve router --workers 1`, least outstanding), both API processes, both cores' host work, the
 # client. The simulator replays the run with the same device line as its step cost, so every difference is the
@@ -33,7 +34,7 @@ if [ "${DRY:-0}" = 1 ]; then
 else
   . "$(dirname "$0")/device_env.sh"
 fi
-. "$(dirname "${BASH_SOURCE[0]}")/serve_procs.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/serve_procs.sh"  # host_facts, kill_group PID, wait_ready PORT PID LIMIT
 T0=$SECONDS
 MS="python3 -m meshserve.cli"
 MODEL=llama-3.1-8b
@@ -57,12 +58,7 @@ say() { echo "[$(( SECONDS - T0 )) s] $*"; }
 left() { echo $(( BUDGET - (SECONDS - T0) )); }
 
 {
-  echo "date $(date -u +%FT%TZ)"
-  echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-  echo "cores $(nproc)"
-  echo "router_source_sha1 $(cat meshserve/router/*.py | sha1sum | cut -c1-12)"
-  echo "fast_http $(python3 -c 'import httptools, uvloop; print("httptools", httptools.__version__, "uvloop", uvloop.__version__)' 2> /dev/null || echo none)"
-  echo "git $(git rev-parse --short HEAD 2> /dev/null || echo unknown)"
+  host_facts
   echo "model $MODEL"
   echo "device_base_ms $BASE_MS"
   echo "device_us_per_token $US_TOKEN"
@@ -133,7 +129,7 @@ PY
   return 0
 }
 
-# -- the replicas (both start now: each builds a one-layer 8B on the CPU, ~20 s) ------------------------------
+# -- replica a (it builds a one-layer 8B on the CPU: ~15 s) -------------------------------------------------------
 start_replica a $PORT_A "$W/direct"; PID_A=$REPLICA_PID
 wait_ready $PORT_A "$PID_A" $REPLICA_LIMIT || { tail -30 "$W/direct/serve_a.log"; exit 1; }
 say "replica a ready"

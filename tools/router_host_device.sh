@@ -56,24 +56,14 @@ say() { echo "[$(( SECONDS - T0 )) s] $*"; }
 left() { echo $(( BUDGET - (SECONDS - T0) )); }
 
 # -- the machine -------------------------------------------------------------------------------------------
+. "$(dirname "${BASH_SOURCE[0]}")/serve_procs.sh"  # host_facts, kill_group PID, wait_ready PORT PID LIMIT
 {
-  echo "date $(date -u +%FT%TZ)"
-  echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-  echo "cores $(nproc) (online $(getconf _NPROCESSORS_ONLN))"
-  echo "load $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "python $(python3 -c 'import sys; print(sys.version.split()[0])')"
-  echo "router_source_sha1 $(cat meshserve/router/*.py | sha1sum | cut -c1-12)"
-  # the router's relay and uvicorn take httptools / uvloop where installed (httpx's and h11's pure Python else:
-  # the device image has neither; the 2026-12-04 (thirty-fourth session) rows ran without them)
-  echo "fast_http $(python3 -c 'import httptools, uvloop; print("httptools", httptools.__version__, "uvloop", uvloop.__version__)' 2> /dev/null || echo none)"
-  echo "git $(git rev-parse --short HEAD 2> /dev/null || echo unknown)"
+  host_facts
   echo "model $MODEL qps_router $QPS qps_direct $QPS_DIRECT router_workers $ROUTER_WORKERS rows $ROWS row_s $ROW_S dry ${DRY:-0}"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2> /dev/null | sed 's/^/gpu /'
 } > "$W/env.txt"
 cat "$W/env.txt"
 
-# -- process control: kill_group PID, wait_ready PORT PID LIMIT (serve_procs.sh) ----------------------------
-. "$(dirname "${BASH_SOURCE[0]}")/serve_procs.sh"
 SERVE_PID="" ROUTER_PID="" LOGGERS=""
 cleanup() {
   [ -n "$LOGGERS" ] && kill $LOGGERS 2> /dev/null

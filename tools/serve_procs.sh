@@ -1,5 +1,20 @@
-# Process control for the device scripts that start servers (sourced: `. "$(dirname "$0")/serve_procs.sh"`): every
-# server in its own process group (setsid), ended by its group id.
+# For the device scripts that start servers (sourced: `. "$(dirname "$0")/serve_procs.sh"`): the host's facts for a
+# results folder's env.txt, and process control (every server in its own process group, setsid, ended by its group
+# id).
+#
+# host_facts: "key value" lines (date, cpu, cores, load, python, the router's source sha1, httptools / uvloop, git)
+host_facts() {
+  echo "date $(date -u +%FT%TZ)"
+  echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "cores $(nproc) (online $(getconf _NPROCESSORS_ONLN))"
+  echo "load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "python $(python3 -c 'import sys; print(sys.version.split()[0])')"
+  echo "router_source_sha1 $(cat meshserve/router/*.py | sha1sum | cut -c1-12)"
+  # the router's relay and uvicorn take httptools / uvloop where installed (httpx's and h11's pure Python else:
+  # the device image has neither unless carried; the 2026-12-04 (thirty-fourth session) rows ran without them)
+  echo "fast_http $(python3 -c 'import httptools, uvloop; print("httptools", httptools.__version__, "uvloop", uvloop.__version__)' 2> /dev/null || echo none)"
+  echo "git $(git rev-parse --short HEAD 2> /dev/null || echo unknown)"
+}
 #
 # kill_group PID: SIGTERM to the server (it drains; its engine core follows), up to 25 s for it and 5 s more for
 # the rest of its process group, then SIGKILL to whatever of the group is left (the GPU's memory with it)

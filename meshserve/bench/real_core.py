@@ -27,11 +27,6 @@ from meshserve.engine.step_time import StepShape
 H200_QWEN3_06B_BASE_MS = 1.127
 H200_QWEN3_06B_US_PER_TOKEN = 2.70
 H200_QWEN3_06B_US_PER_CONTEXT_TOKEN = 0.0342
-# W3 on an H200 (Llama-3.1-8B, targets, QPS 32/64/128), the same fit: benchmarks/results/h200_1206_s53/router_host/
-# w3_direct/steps.jsonl.gz (5,746 steps, mean error 3.6%; tools/router_dp_emulated.sh's default device)
-H200_LLAMA_8B_BASE_MS = 4.205
-H200_LLAMA_8B_US_PER_TOKEN = 19.99
-H200_LLAMA_8B_US_PER_CONTEXT_TOKEN = 0.0355
 
 
 @dataclass(frozen=True)

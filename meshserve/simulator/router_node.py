@@ -8,10 +8,10 @@ done (the policy chooses then, on the counts of then); a 429 from a replica cost
 the request goes to the next replica or its 429 to the client; the tokens of one step of a replica reach the
 router when that replica's API process has streamed them, cost per_event_s each (one event per stream per
 step), and leave one after another (a stream's token, in no known place among them, at the job's middle on
-average; until 2026-12-06 all at its end, which charged every token the whole step's relay). Below saturation the router adds about one intake to TTFT and one
-event per token; past it (W3: ~130 events per request, so ~13-17 ms of the router per request) its backlog
-grows without bound, and requests, refusals and tokens all wait behind it: TTFT of seconds and 429s that take
-as long, while the replicas sit partly idle. That is the collapse measured at DP=2 through the router, QPS
+average; until 2026-12-06 all at its end, which charged every token the whole step's relay). Below saturation
+the router adds about one intake to TTFT and one event per token; past it (W3: ~130 events per request, so
+~13-17 ms of the router per request) its backlog grows without bound, and requests, refusals and tokens all wait
+behind it: TTFT of seconds and 429s that take as long, while the replicas sit partly idle. That is the collapse measured at DP=2 through the router, QPS
 128 (BENCHMARKS.md, seventh session).
 
 The relay: the router since 24b22a5 sends the whole events of one upstream read at once, so a lagging

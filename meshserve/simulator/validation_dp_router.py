@@ -7,7 +7,8 @@ CPUs; first W3 at a light QPS straight to one replica. The replay gives the simu
 cost is the run's EmulatedDevice), the engine's step-time predictor as the run's cores converged to it (the
 least-squares fit of their step traces: what SLO admission and shedding predict with), the run's KV blocks, the
 API process's costs of the GPU host (frontend.FRONTEND_H200) and the router's (router_calibration.toml's default,
-fitted on another day's run: held out). What is compared is then the simulator's model of the router, the
+fitted on an earlier run's rows: held out); the table also sets the replicas' admission margins, simulated /
+measured, beside each other where the run read them. What is compared is then the simulator's model of the router, the
 routing, the API processes and the schedulers, with the GPU's time taken out of the question (the replicas'
 GPU steps are validated on their own: validation.py's W3 and DP=2 rows).
 
@@ -36,7 +37,7 @@ from meshserve.simulator.frontend import FRONTEND_H200
 from meshserve.simulator.router_node import ROUTER_OFF, RouterCosts, load_router_costs, router_calibration_name
 from meshserve.simulator.step_cost import StepWeights, fit_step_weights
 from meshserve.simulator.trace import w3_trace
-from meshserve.simulator.validation_router_host import Results, cpu_between
+from meshserve.simulator.validation_router_host import Results, _refused, cpu_between, metric_cells
 
 ARCHIVE, UNPACKED = "router_dp.tgz", "dp2_router"
 # the fifty-fifth session's run and its two repeats within the hour, the last with the replicas' admission margins
@@ -88,10 +89,6 @@ def replay(point: dict, replicas: int, device: EmulatedDevice, weights: StepWeig
                        frontend_stalls=False, seed=1000 + int(qps))
     return simulate(config, w3_trace(qps, int(point["num_requests"])), weights=weights, step_cost=device.time_s,
                     eager=None)
-
-
-def _refused(point: dict) -> int:
-    return sum(n for kind, n in point.get("failed_by_status", {}).items() if kind.startswith("429"))
 
 
 def point_busy(results: Results, run: str, point: dict, names: tuple[str, ...]) -> dict[str, float]:
@@ -160,11 +157,6 @@ def replay_rows(results: Results) -> list[dict]:
     return rows
 
 
-def _cell(pred: float, meas: float, scale: float = 1.0, fmt: str = ".1f") -> str:
-    err = f" ({(pred - meas) / meas:+.0%})" if meas else ""
-    return f"{pred * scale:{fmt}} / {meas * scale:{fmt}}{err}"
-
-
 def table(results: Results) -> str:
     from meshserve.simulator.validation import _met
 
@@ -174,8 +166,8 @@ def table(results: Results) -> str:
              f"cores' converged predictor: constant {w.constant_ms:.3f} ms, dense {w.dense_factor:.3f}, KV "
              f"{w.kv_factor:.3f}, mixed {w.mixed_ms:.3f} ms ({rows[0]['steps']:,} steps, mean error "
              f"{rows[0]['weights_err']:.1%}). Cells simulated / measured.", "",
-             "| run (devices emulated) | QPS | router costs | goodput req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
-             "429s | router busy | API processes busy | admission margin | goals met |",
+             "| run (devices emulated) | QPS | router costs | goodput req/s | TTFT p50 ms | TTFT p99 ms | "
+             "TPOT p50 ms | 429s | router busy | API processes busy | admission margin | goals met |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, m, busy = r["pred"], r["meas"], r["busy"]
@@ -189,11 +181,8 @@ def table(results: Results) -> str:
         mark = " (fixed latency fitted here)" if r["fitted"] else ""
         margin = " + ".join(f"{v:.2f}" for v in p["slo_scheduling"]["admission_margin"] if v is not None) or "-"
         margin += " / " + (" + ".join(f"{v:.2f}" for v in r["margins"]) or "-")
-        lines.append(f"| {r['run']}{mark} | {r['qps']:g} | {r['setting']} | {_cell(p['goodput'], m['goodput'])} | "
-                     f"{_cell(p['ttft_p50'], m['ttft_p50'], 1e3, '.0f')} | "
-                     f"{_cell(p['ttft_p99'], m['ttft_p99'], 1e3, '.0f')} | "
-                     f"{_cell(p['tpot_p50'], m['tpot_p50'], 1e3)} | {p['failed']} / {_refused(m)} | {router} | "
-                     f"{api} | {margin} | {', '.join(met) or 'none'} |")
+        lines.append(f"| {r['run']}{mark} | {r['qps']:g} | {r['setting']} | {metric_cells(p, m)} | "
+                     f"{p['failed']} / {_refused(m)} | {router} | {api} | {margin} | {', '.join(met) or 'none'} |")
     return "\n".join(lines)
 
 

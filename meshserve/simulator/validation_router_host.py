@@ -296,6 +296,14 @@ def _cell(pred: float, meas: float, scale: float = 1.0, fmt: str = ".1f") -> str
     return f"{pred * scale:{fmt}} / {meas * scale:{fmt}}{err}"
 
 
+def metric_cells(pred: dict, meas: dict) -> str:
+    """The four goal metrics' cells of a replay row, simulated / measured (error): goodput, TTFT p50 and p99, TPOT
+    p50."""
+    return (f"{_cell(pred['goodput'], meas['goodput'])} | {_cell(pred['ttft_p50'], meas['ttft_p50'], 1e3, '.0f')} | "
+            f"{_cell(pred['ttft_p99'], meas['ttft_p99'], 1e3, '.0f')} | "
+            f"{_cell(pred['tpot_p50'], meas['tpot_p50'], 1e3)}")
+
+
 def table(results: Results) -> str:
     from meshserve.simulator.validation import _met
 
@@ -315,11 +323,8 @@ def table(results: Results) -> str:
         api = f"{p['frontend']['busy_fraction']:.0%} / " + (f"{cpu['api_busy']:.0%}" if "api_busy" in cpu else "-")
         met = [k for k in ("goodput", "ttft_p50", "ttft_p99", "tpot_p50") if _met(p[k], m[k], k)]
         mark = " (fixed latency fitted here)" if r["fitted"] else ""
-        lines.append(f"| {r['run']}{mark} | {r['qps']:g} | {r['setting']} | {_cell(p['goodput'], m['goodput'])} | "
-                     f"{_cell(p['ttft_p50'], m['ttft_p50'], 1e3, '.0f')} | "
-                     f"{_cell(p['ttft_p99'], m['ttft_p99'], 1e3, '.0f')} | "
-                     f"{_cell(p['tpot_p50'], m['tpot_p50'], 1e3)} | {p['failed']} / {m.get('failed', 0)} | {busy} | "
-                     f"{api} | {', '.join(met) or 'none'} |")
+        lines.append(f"| {r['run']}{mark} | {r['qps']:g} | {r['setting']} | {metric_cells(p, m)} | "
+                     f"{p['failed']} / {m.get('failed', 0)} | {busy} | {api} | {', '.join(met) or 'none'} |")
     return "\n".join(lines)
 
 

@@ -125,18 +125,20 @@ def test_the_archive_is_read_without_unpacking(tmp_path):
 
 
 def test_the_stored_run_replays():
-    """The fifty-fifth session's first run (benchmarks/results): the router's default costs meet goodput and TPOT
-    at every DP=2 point, and predict no collapse where the router had none (h200_host's did)."""
-    rows = vdr.replay_rows(vdr.open_results(ROOT / "benchmarks" / "results" / vdr.STORED_RUNS[0]))
-    routed = [r for r in rows if r["setting"].endswith("(held out)")]
-    assert [r["qps"] for r in routed] == [64.0, 96.0, 128.0, 160.0]
-    for r in routed:
-        assert r["pred"]["goodput"] == pytest.approx(r["meas"]["goodput"], rel=0.10)
-        assert r["pred"]["tpot_p50"] == pytest.approx(r["meas"]["tpot_p50"], rel=0.10)
-    # the costs fitted two days before this router's own rows saturate the node at QPS 128: a collapse
-    qps128 = routed[2]
-    weights = qps128["weights"]
+    """The fifty-fifth session's first run (benchmarks/results), past the knee (QPS 128, 160): the router's default
+    costs meet goodput and TPOT, and predict no collapse where the router had none; the costs fitted two days
+    before on this router's predecessor (h200_host) saturate the node at QPS 128: a collapse."""
     results = vdr.open_results(ROOT / "benchmarks" / "results" / vdr.STORED_RUNS[0])
-    pred = vdr.replay(qps128["meas"], 2, vdr.device_of(results.env()), weights, 55_776,
-                      load_router_costs("h200_host"), qps128["latency_s"])
-    assert pred["goodput"] < 0.5 * qps128["meas"]["goodput"] and pred["router_node"]["busy_fraction"] > 0.9
+    env = results.env()
+    device, blocks = vdr.device_of(env), int(env["num_blocks"])
+    weights, _, _ = vdr.converged_weights(results, env["model"])
+    light = results.json("direct/w3.json")["points"][0]
+    latency = light["ttft_p50"] - vdr.replay(light, 1, device, weights, blocks)["ttft_p50"]
+    points = {p["qps"]: p for p in results.json("dp2_router/w3.json")["points"]}
+    for qps in (128.0, 160.0):
+        pred = vdr.replay(points[qps], 2, device, weights, blocks, load_router_costs(), latency)
+        assert pred["goodput"] == pytest.approx(points[qps]["goodput"], rel=0.10)
+        assert pred["tpot_p50"] == pytest.approx(points[qps]["tpot_p50"], rel=0.10)
+        assert pred["router_node"]["busy_fraction"] < 0.8
+    pred = vdr.replay(points[128.0], 2, device, weights, blocks, load_router_costs("h200_host"), latency)
+    assert pred["goodput"] < 0.5 * points[128.0]["goodput"] and pred["router_node"]["busy_fraction"] > 0.9

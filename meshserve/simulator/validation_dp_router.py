@@ -7,7 +7,7 @@ CPUs; first W3 at a light QPS straight to one replica. The replay gives the simu
 cost is the run's EmulatedDevice), the engine's step-time predictor as the run's cores converged to it (the
 least-squares fit of their step traces: what SLO admission and shedding predict with), the run's KV blocks, the
 API process's costs of the GPU host (frontend.FRONTEND_H200) and the router's (router_calibration.toml's default,
-fitted on an earlier run's rows: held out); the table also sets the replicas' admission margins, simulated /
+fitted on an earlier run's rows: held out); the table also shows the replicas' admission margins, simulated /
 measured, beside each other where the run read them. What is compared is then the simulator's model of the router, the
 routing, the API processes and the schedulers, with the GPU's time taken out of the question (the replicas'
 GPU steps are validated on their own: validation.py's W3 and DP=2 rows).

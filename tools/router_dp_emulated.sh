@@ -15,7 +15,7 @@
 # (`python -m meshserve.simulator.validation_dp_router table DIR`).
 #
 #   (1) W3 with targets at QPS_DIRECT (32) straight to replica A (the fixed latency's fit, as router_host_device.sh)
-#   (2) W3 with targets at QPS (64,96,128) through the router in front of replicas A and B (W3's prompts differ by
+#   (2) W3 with targets at each QPS of QPS (64,96,128) through the router in front of replicas A and B (W3's prompts differ by
 #       QPS: no point hits another's prefix cache)
 # with every process's CPU each second (tools/proc_cpu.py) and each core's step trace.
 #
@@ -106,7 +106,7 @@ w3() {
     LOGGERS="$LOGGERS $!"
   done
   for q in ${qps//,/ }; do
-    limit=$(( 60 )); (( limit > $(left) )) && limit=$(left)
+    limit=60; (( limit > $(left) )) && limit=$(left)
     if (( limit < 40 )); then say "W3 $d QPS $q: skipped ($(left) s of the budget left)"; continue; fi
     say "W3 $d: QPS $q via $url (limit $limit s)"
     timeout "$limit" $MS bench serve --base-url "$url" --qps "$q" --client-procs "$CLIENT_PROCS" --no-progress \

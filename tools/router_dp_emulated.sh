@@ -27,14 +27,8 @@
 # servers' logs, steps_*.jsonl, proc_cpu_*.jsonl, metrics_PORT_QPS.txt: each replica's admission margin after each
 # point) and $OUT/summary.txt.
 set -u -o pipefail
-if [ "${DRY:-0}" = 1 ]; then
-  cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
-  OUT=${OUT:-/tmp/router_dp_dry}
-else
-  . "$(dirname "$0")/device_env.sh"
-fi
-. "$(dirname "${BASH_SOURCE[0]}")/serve_procs.sh"  # host_facts, kill_group PID, wait_ready PORT PID LIMIT
+. "$(dirname "${BASH_SOURCE[0]}")/serve_procs.sh"  # script_env, host_facts, kill_group, wait_ready
+script_env /tmp/router_dp_dry
 T0=$SECONDS
 MS="python3 -m meshserve.cli"
 MODEL=llama-3.1-8b

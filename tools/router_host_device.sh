@@ -27,13 +27,8 @@
 #   python -m meshserve.simulator.validation_router_host fit DIR     # the router_calibration.toml entry
 #   python -m meshserve.simulator.validation_router_host table DIR   # W3 replayed, predicted vs measured
 set -u -o pipefail
-if [ "${DRY:-0}" = 1 ]; then
-  cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
-  OUT=${OUT:-/tmp/router_host_dry}
-else
-  . "$(dirname "$0")/device_env.sh"
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/serve_procs.sh"  # script_env, host_facts, kill_group, wait_ready
+script_env /tmp/router_host_dry
 T0=$SECONDS
 MS="python3 -m meshserve.cli"
 MODEL=${MODEL:-llama-3.1-8b}
@@ -56,7 +51,6 @@ say() { echo "[$(( SECONDS - T0 )) s] $*"; }
 left() { echo $(( BUDGET - (SECONDS - T0) )); }
 
 # -- the machine -------------------------------------------------------------------------------------------
-. "$(dirname "${BASH_SOURCE[0]}")/serve_procs.sh"  # host_facts, kill_group PID, wait_ready PORT PID LIMIT
 {
   host_facts
   echo "model $MODEL qps_router $QPS qps_direct $QPS_DIRECT router_workers $ROUTER_WORKERS rows $ROWS row_s $ROW_S dry ${DRY:-0}"

@@ -1,7 +1,18 @@
-# For the device scripts that start servers (sourced: `. "$(dirname "$0")/serve_procs.sh"`): the host's facts for a
-# results folder's env.txt, and process control (every server in its own process group, setsid, ended by its group
+# For the device scripts that start servers (sourced: `. "$(dirname "$0")/serve_procs.sh"`): their environment
+# (the device's or DRY=1's), the host's facts for a results folder's env.txt, and process control (every server in its own process group, setsid, ended by its group
 # id).
 #
+# script_env DRY_OUT: DRY=1 (the CPU box): the repository root as working directory, unbuffered offline Python,
+# PYTHONPATH the checkout, OUT DRY_OUT unless set; else device_env.sh (the device: its carried wheels, OUT)
+script_env() {
+  if [ "${DRY:-0}" = 1 ]; then
+    cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
+    OUT=${OUT:-$1}
+  else
+    . "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
+  fi
+}
 # host_facts: "key value" lines (date, cpu, cores, load, python, the router's source sha1, httptools / uvloop, git)
 host_facts() {
   echo "date $(date -u +%FT%TZ)"

@@ -175,7 +175,9 @@ def test_device_script_parses():
     script = ROOT / "tools" / "router_host_device.sh"
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     text = script.read_text()
-    assert '. "$(dirname "$0")/device_env.sh"' in text
+    # on the device its environment is device_env.sh's (carried wheels), through serve_procs.sh's script_env
+    assert "/serve_procs.sh\"" in text and "\nscript_env " in text
+    assert '. "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"' in (ROOT / "tools" / "serve_procs.sh").read_text()
     # the rows it measures are the ones the fit reads
     for name in vrh.FIT_ROWS + vrh.CHECK_ROWS:
         assert f"{name})" in text

@@ -147,11 +147,11 @@ def replay_rows(results: Results) -> list[dict]:
              ((f"{default} (held out)", load_router_costs(default)), ("no router node", ROUTER_OFF)))):
         for point in sorted(points, key=lambda p: p["qps"]):
             busy = point_busy(results, run, point, ("router", "serve_a", "serve_b"))
+            margins = measured_margins(results, run, float(point["qps"]))
             for setting, costs in settings:
                 pred = replay(point, replicas, device, weights, num_blocks, costs, latency, model)
                 rows.append({"run": label, "qps": float(point["qps"]), "setting": setting, "pred": pred,
-                             "meas": point, "busy": busy, "fitted": point is light,
-                             "margins": measured_margins(results, run, float(point["qps"]))})
+                             "meas": point, "busy": busy, "fitted": point is light, "margins": margins})
     for r in rows:
         r.update(latency_s=latency, weights=weights, weights_err=err, steps=steps)
     return rows
